@@ -1,0 +1,5 @@
+"""Triton kernels of rpp_triton, installed as `rpp_triton.kernels`.
+
+Each file holds one op in four parts: `<op>_ref` (PyTorch, the CPU fallback and test oracle),
+`_<op>_kernel` (Triton), `<op>` (the launcher) and, where autograd needs it, `<Op>Function`.
+"""
