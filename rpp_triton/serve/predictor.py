@@ -1,0 +1,370 @@
+"""Model side of the inference server: load a model directory, swap its sparse Linear layers for
+block-sparse ones, tokenize, and run one padded batch forward.
+
+Every route shares one forward: a batch holds tokenized sequences, the encoder runs once, and each
+sequence gets back its mean-pooled embedding plus whatever head the model has (classification
+logits, or question-answering start/end logits). Routes only differ in tokenization (single text,
+text pair, question + context) and in post-processing, so requests of different routes can share a
+batch. A new task head is one `_HEADS` entry, one `encode_*` method and one post-processing method.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger("rpp_triton.serve")
+
+# Architecture suffix (config.architectures) -> task route served by that head.
+_HEADS = {
+    "ForSequenceClassification": "classify",
+    "ForQuestionAnswering": "qa",
+}
+
+
+class InputTooLong(ValueError):
+    """An input has more tokens than `max_tokens` and the predictor is set to refuse, not truncate."""
+
+    def __init__(self, index: int, n_tokens: int, max_tokens: int):
+        super().__init__(
+            f"input {index} has {n_tokens} tokens, more than the limit of {max_tokens} "
+            "(the server is set to refuse over-long inputs, not truncate them)"
+        )
+        self.index, self.n_tokens, self.max_tokens = index, n_tokens, max_tokens
+
+
+@dataclass
+class Encoded:
+    """One tokenized sequence, ready to be padded into a batch."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+    truncated: bool = False
+    # Question answering only: character span of each token in the context (None outside it).
+    context_offsets: list[tuple[int, int] | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class SequenceOutput:
+    """What one forward gives back for one sequence."""
+
+    embedding: list[float]
+    logits: list[float] | None = None
+    start_logits: list[float] | None = None
+    end_logits: list[float] | None = None
+
+
+@dataclass
+class ModelInfo:
+    model_dir: str
+    architecture: str
+    tasks: list[str]
+    device: str
+    dtype: str
+    hidden_size: int
+    max_tokens: int
+    sparse_requested: bool
+    sparse_layers: int = 0
+    linear_layers: int = 0
+    weight_tile_sparsity: float = 0.0
+    sparse_error: str | None = None
+    load_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Attention-mask-weighted mean of `hidden[B, L, H]` over the sequence: `[B, H]`."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def _tile_sparsity(weight: torch.Tensor, block: int) -> float | None:
+    """Fraction of all-zero `block x block` tiles, or None when the shape does not tile."""
+    out_f, in_f = weight.shape
+    if out_f % block or in_f % block:
+        return None
+    tiles = weight.detach().reshape(out_f // block, block, in_f // block, block)
+    nonzero = tiles.ne(0).any(dim=3).any(dim=1)
+    return 1.0 - nonzero.float().mean().item()
+
+
+class Predictor:
+    """A loaded model plus its tokenizer. Thread use: `encode_*` from any thread, `forward` from one."""
+
+    def __init__(self, model, tokenizer, *, info: ModelInfo, device: torch.device, truncate: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.device = device
+        self.truncate = truncate
+        self.max_tokens = info.max_tokens
+        self.tasks = set(info.tasks)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.uses_token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+        config = model.config
+        self.problem_type = getattr(config, "problem_type", None)
+        num_labels = getattr(config, "num_labels", 0)
+        id2label = getattr(config, "id2label", None) or {}
+        self.label_names = [
+            str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(num_labels)
+        ]
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        sparse: bool = True,
+        block_size: int = 32,
+        min_sparsity: float = 0.5,
+        backend: str = "auto",
+        max_tokens: int | None = None,
+        truncate: bool = True,
+        threads: int | None = None,
+    ) -> Predictor:
+        """Load `model_dir` (a `save_pretrained` directory with its tokenizer) for inference.
+
+        The head is picked from `config.architectures`: `*ForSequenceClassification` adds the
+        classify route, `*ForQuestionAnswering` the qa route, anything else loads the bare encoder
+        (`AutoModel`). With `sparse`, every Linear whose `block_size` tile sparsity is at least
+        `min_sparsity` becomes a `BlockSparseLinear` (`rpp_triton.sparsify`).
+        """
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForQuestionAnswering,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
+
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise ValueError(f"{model_dir!r} is not a model directory (no config.json)")
+        if threads:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        else:
+            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+                dtype
+            ]
+
+        config = AutoConfig.from_pretrained(model_dir)
+        architectures = list(getattr(config, "architectures", None) or [])
+        task, loader = None, AutoModel
+        for arch in architectures:
+            for suffix, name in _HEADS.items():
+                if arch.endswith(suffix):
+                    task = name
+        if task == "classify":
+            loader = AutoModelForSequenceClassification
+        elif task == "qa":
+            loader = AutoModelForQuestionAnswering
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the directory lacks one
+            raise ValueError(f"cannot load a tokenizer from {model_dir!r}: {exc}") from exc
+        model = loader.from_pretrained(model_dir, dtype=torch_dtype)
+        model.eval().to(dev)
+
+        limit = getattr(config, "max_position_embeddings", None) or 512
+        limit = min(limit, tokenizer.model_max_length or limit)
+        if max_tokens is None:
+            max_tokens = limit
+        elif max_tokens > limit:
+            raise ValueError(f"max_tokens={max_tokens} is above the model's {limit} positions")
+        elif max_tokens < 2:
+            raise ValueError("max_tokens must be at least 2 (room for the special tokens)")
+
+        info = ModelInfo(
+            model_dir=os.path.abspath(model_dir),
+            architecture=type(model).__name__,
+            tasks=["embed"] + ([task] if task else []),
+            device=str(dev),
+            dtype=str(torch_dtype).replace("torch.", ""),
+            hidden_size=config.hidden_size,
+            max_tokens=max_tokens,
+            sparse_requested=sparse,
+        )
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        info.linear_layers = len(linears)
+        tiles = [
+            (s, m.weight.numel()) for m in linears if (s := _tile_sparsity(m.weight, block_size)) is not None
+        ]
+        if tiles:
+            info.weight_tile_sparsity = sum(s * n for s, n in tiles) / sum(n for _, n in tiles)
+        if sparse:
+            info.sparse_layers, info.sparse_error = _sparsify(model, block_size, min_sparsity, backend)
+        info.load_seconds = time.perf_counter() - start
+        return cls(model, tokenizer, info=info, device=dev, truncate=truncate)
+
+    # ----------------------------------------------------------- tokenization
+    def encode_texts(self, inputs: list[str | tuple[str, str]]) -> list[Encoded]:
+        """Tokenize single texts or text pairs. Over-long inputs are truncated or refused."""
+        tok = self.tokenizer
+        kwargs = dict(verbose=False, return_attention_mask=False)
+        if self.truncate:
+            kwargs.update(truncation=True, max_length=self.max_tokens)
+        if all(isinstance(x, str) for x in inputs):
+            rows = tok(list(inputs), **kwargs)
+            ids = rows["input_ids"]
+            types = rows.get("token_type_ids") if self.uses_token_types else None
+            encoded = [Encoded(ids[i], types[i] if types else None) for i in range(len(inputs))]
+        else:
+            encoded = []
+            for x in inputs:
+                row = tok(x, **kwargs) if isinstance(x, str) else tok(x[0], x[1], **kwargs)
+                types = row.get("token_type_ids") if self.uses_token_types else None
+                encoded.append(Encoded(row["input_ids"], types))
+        if self.truncate:
+            # A truncated sequence is exactly max_tokens long; re-tokenize only those to be sure.
+            for i, e in enumerate(encoded):
+                if len(e) == self.max_tokens:
+                    x = inputs[i]
+                    full = tok(x, verbose=False) if isinstance(x, str) else tok(x[0], x[1], verbose=False)
+                    e.truncated = len(full["input_ids"]) > self.max_tokens
+        else:
+            for i, e in enumerate(encoded):
+                if len(e) > self.max_tokens:
+                    raise InputTooLong(i, len(e), self.max_tokens)
+        return encoded
+
+    def encode_qa(self, pairs: list[tuple[str, str]]) -> list[Encoded]:
+        """Tokenize (question, context) pairs; a long context is cut to fit (or refused)."""
+        tok = self.tokenizer
+        encoded = []
+        for i, (question, context) in enumerate(pairs):
+            full = tok(question, context, verbose=False, return_offsets_mapping=True)
+            truncated = len(full["input_ids"]) > self.max_tokens
+            if truncated and not self.truncate:
+                raise InputTooLong(i, len(full["input_ids"]), self.max_tokens)
+            row = full
+            if truncated:
+                row = tok(
+                    question,
+                    context,
+                    verbose=False,
+                    return_offsets_mapping=True,
+                    truncation="only_second",
+                    max_length=self.max_tokens,
+                )
+            seq_ids = row.sequence_ids()
+            offsets = [tuple(o) if s == 1 else None for o, s in zip(row["offset_mapping"], seq_ids)]
+            types = row.get("token_type_ids") if self.uses_token_types else None
+            encoded.append(Encoded(row["input_ids"], types, truncated, offsets))
+        return encoded
+
+    # ---------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def forward(self, batch: list[Encoded]) -> list[SequenceOutput]:
+        """Pad `batch` to its longest sequence, run the model once, split the outputs per sequence."""
+        if not batch:
+            return []
+        n, width = len(batch), max(len(e) for e in batch)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        types = torch.zeros((n, width), dtype=torch.long) if self.uses_token_types else None
+        for i, e in enumerate(batch):
+            ids[i, : len(e)] = torch.tensor(e.input_ids)
+            mask[i, : len(e)] = 1
+            if types is not None and e.token_type_ids is not None:
+                types[i, : len(e)] = torch.tensor(e.token_type_ids)
+        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if types is not None:
+            inputs["token_type_ids"] = types.to(self.device)
+        has_head = len(self.tasks) > 1
+        out = self.model(**inputs, output_hidden_states=has_head, return_dict=True)
+        hidden = out.hidden_states[-1] if has_head else out.last_hidden_state
+        embeddings = mean_pool(hidden, inputs["attention_mask"]).float().cpu().tolist()
+        results = [SequenceOutput(embedding=emb) for emb in embeddings]
+        if "classify" in self.tasks:
+            for r, row in zip(results, out.logits.float().cpu().tolist()):
+                r.logits = row
+        if "qa" in self.tasks:
+            starts, ends = out.start_logits.float().cpu(), out.end_logits.float().cpu()
+            for i, (r, e) in enumerate(zip(results, batch)):
+                r.start_logits = starts[i, : len(e)].tolist()
+                r.end_logits = ends[i, : len(e)].tolist()
+        return results
+
+    def warmup(self, batch_size: int = 8, seq_len: int = 64) -> float:
+        """Run a few forwards at the shapes the server will see (compiles kernels, fills caches)."""
+        start = time.perf_counter()
+        seq_len = max(2, min(seq_len, self.max_tokens))
+        filler = self.tokenizer.unk_token_id if self.tokenizer.unk_token_id is not None else self.pad_id
+        for n, length in ((1, min(16, seq_len)), (batch_size, seq_len)):
+            self.forward([Encoded([filler] * length, [0] * length if self.uses_token_types else None)] * n)
+        self.info.warmup_seconds = time.perf_counter() - start
+        return self.info.warmup_seconds
+
+    # -------------------------------------------------------- post-processing
+    def classification(self, out: SequenceOutput) -> dict:
+        """Label, score and per-label probabilities for one sequence's logits."""
+        logits = torch.tensor(out.logits)
+        if self.problem_type == "regression" or logits.numel() == 1:
+            return {"label": self.label_names[0] if self.label_names else "score", "score": logits[0].item()}
+        if self.problem_type == "multi_label_classification":
+            probs = torch.sigmoid(logits)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        best = int(probs.argmax())
+        return {"label": self.label_names[best], "score": probs[best].item(), "probabilities": probs.tolist()}
+
+    def answer(
+        self, context: str, encoded: Encoded, out: SequenceOutput, max_answer_tokens: int = 30
+    ) -> dict:
+        """Best context span: argmax of start + end logits over spans of at most `max_answer_tokens`."""
+        valid = [i for i, o in enumerate(encoded.context_offsets) if o is not None]
+        if not valid:
+            return {"answer": "", "score": 0.0, "start": 0, "end": 0}
+        start_logits = torch.tensor(out.start_logits)
+        end_logits = torch.tensor(out.end_logits)
+        idx = torch.tensor(valid)
+        s, e = start_logits[idx], end_logits[idx]
+        pos = torch.tensor([encoded.context_offsets[i][0] for i in valid])
+        scores = s[:, None] + e[None, :]
+        # Spans run forward, inside the context, at most max_answer_tokens tokens long.
+        gap = idx[None, :] - idx[:, None]
+        scores = scores.masked_fill((gap < 0) | (gap >= max_answer_tokens), -math.inf)
+        flat = int(scores.argmax())
+        si, ei = divmod(flat, len(valid))
+        log_z = torch.logsumexp(start_logits, 0) + torch.logsumexp(end_logits, 0)
+        char_start = int(pos[si])
+        char_end = encoded.context_offsets[valid[ei]][1]
+        return {
+            "answer": context[char_start:char_end],
+            "score": math.exp(float(scores[si, ei] - log_z)),
+            "start": char_start,
+            "end": char_end,
+        }
+
+
+def _sparsify(model, block_size: int, min_sparsity: float, backend: str) -> tuple[int, str | None]:
+    """Swap sparse Linear layers for BlockSparseLinear. Returns (layers swapped, why not or None)."""
+    try:
+        from rpp_triton.sparse import BlockSparseLinear, sparsify
+    except ImportError as exc:
+        reason = f"rpp_triton.sparse is not available ({exc}); serving the dense model"
+        log.warning(reason)
+        return 0, reason
+    sparsify(model, block_size=block_size, min_sparsity=min_sparsity, backend=backend)
+    swapped = sum(isinstance(m, BlockSparseLinear) for m in model.modules())
+    log.info(
+        "sparsified %d Linear layers (block %d, min tile sparsity %.2f)", swapped, block_size, min_sparsity
+    )
+    return swapped, None
