@@ -1,0 +1,230 @@
+"""The two training runs behind the CLI: `prune_pipeline` (RPP on masked LM) and
+`finetune_pipeline` (a downstream task with frozen masks). Both build on `transformers.Trainer`,
+work under `torchrun` (only rank 0 writes) and publish their output directory atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from rpp_triton import train as T
+from rpp_triton.cli import UsageError
+from rpp_triton.commands import common
+
+
+def _fill(args, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def _split_steps(args) -> tuple[int, int, int]:
+    dense = args.dense_steps if args.dense_steps is not None else max(1, args.max_steps // 10)
+    recovery = args.recovery_steps if args.recovery_steps is not None else (args.max_steps * 15) // 100
+    if args.target_sparsity == 0:
+        recovery = 0
+    rpp = args.max_steps - dense - recovery
+    if rpp < 1:
+        raise UsageError(
+            f"--max-steps {args.max_steps} leaves no RPP steps after {dense} dense "
+            f"and {recovery} recovery steps"
+        )
+    return dense, rpp, recovery
+
+
+def _mlm_metrics(eval_pred) -> dict:
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    keep = labels != -100
+    return {"mlm_accuracy": float((preds[keep] == labels[keep]).mean()) if keep.any() else 0.0}
+
+
+def _argmax_logits(logits, labels):
+    return logits.argmax(-1)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prune_pipeline(args) -> dict:
+    """Run `rpp-triton prune`; returns the report written to rpp_report.json."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, set_seed
+
+    from rpp_triton import RPPAdamW, param_groups
+    from rpp_triton import data as D
+    from rpp_triton.commands.prune import EMBEDDED, GENERAL
+
+    started = time.time()
+    embedded = args.model is None and args.dataset is None
+    _fill(args, EMBEDDED if embedded else GENERAL)
+    dense_steps, rpp_steps, recovery_steps = _split_steps(args)
+    partial = T.check_output_dir(args.output_dir, args.overwrite, args.resume_from_checkpoint)
+    controller_state = None
+    if args.resume_from_checkpoint:
+        controller_state = T.check_checkpoint(args.resume_from_checkpoint)
+        if controller_state is None:
+            raise UsageError(f"checkpoint {args.resume_from_checkpoint!r} has no {T.CONTROLLER_FILE}")
+
+    model_name, _ = common.resolve_model(args.model)
+    tokenizer = common.load_pretrained(AutoTokenizer, model_name)
+    if tokenizer.mask_token_id is None:
+        raise UsageError(f"tokenizer of {model_name!r} has no mask token, so it cannot do masked LM")
+    if args.dataset is None:
+        train_text, held_text = D.default_text()
+        dataset_name = "pydoc_data.topics"
+    else:
+        train_text, held_text = D.load_text(args.dataset, args.text_column)
+        dataset_name = args.dataset
+
+    set_seed(args.seed)
+    model, info = common.load_pretrained(AutoModelForMaskedLM, model_name, output_loading_info=True)
+    head_new = sorted(
+        k for k in info.get("missing_keys", ()) if not k.startswith(model.base_model_prefix + ".")
+    )
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = out_emb is not None and out_emb.weight is in_emb.weight
+
+    seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
+    train_blocks = D.mlm_blocks(tokenizer, train_text, seq_len)
+    eval_blocks = D.static_masked_eval(
+        tokenizer, D.mlm_blocks(tokenizer, held_text, seq_len)[: args.eval_blocks]
+    )
+    if not train_blocks or not eval_blocks:
+        raise UsageError(f"dataset {dataset_name!r} is too short for blocks of {seq_len} tokens")
+
+    block = args.block_size
+    try:
+        groups = param_groups(
+            model,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            rpp_lambda=args.rpp_lambda,
+            reweight_every=args.reweight_every,
+            reweight_eps=args.reweight_eps,
+            block_size=block,
+            backend=args.backend,
+        )
+        optimizer = RPPAdamW(groups, lr=args.lr)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    controller = T.SparsityController(
+        optimizer,
+        args.target_sparsity,
+        block,
+        dense_steps,
+        rpp_steps,
+        recovery_steps,
+        init_lambda=args.rpp_lambda,
+        gain=args.lambda_gain,
+        prune_by=args.prune_by,
+    )
+    if controller_state is not None:
+        controller.load_state_dict(controller_state)
+
+    T.start_partial(partial, args.resume_from_checkpoint)
+    targs = common.training_arguments(
+        partial,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(dense_steps, 20),
+        save_steps=args.save_steps or args.max_steps,
+        save_strategy="steps" if args.save_steps else "no",
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        eval_strategy="no",
+    )
+    trainer = T.make_trainer_class()(
+        model=model,
+        args=targs,
+        train_dataset=train_blocks,
+        eval_dataset=eval_blocks,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability),
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        callbacks=[controller],
+        compute_metrics=_mlm_metrics,
+        preprocess_logits_for_metrics=_argmax_logits,
+    )
+    trainer.controller = controller
+    if dense_steps == 0 and args.resume_from_checkpoint is None:
+        trainer.evaluate()  # the dense reference: nothing is trained before pruning starts
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+
+    named = T.pruned_named_params(optimizer)
+    layers = T.layer_table(named, block)
+    zeros = sum(round(r["sparsity"] * np.prod(r["shape"])) for r in layers)
+    total = sum(int(np.prod(r["shape"])) for r in layers)
+    evals = controller.evals
+
+    def mlm(key):
+        m = evals.get(key)
+        return (
+            None
+            if m is None
+            else {"mlm_accuracy": m.get("eval_mlm_accuracy"), "mlm_loss": m.get("eval_loss")}
+        )
+
+    report = {
+        "sparsity": zeros / total,
+        "target_sparsity": args.target_sparsity,
+        "block_size": list(block),
+        "layers": layers,
+        "dense": mlm("dense"),
+        "pruned": mlm("final"),
+        "pruned_before_recovery": mlm("hard_pruned"),
+        "sparsity_before_hard_prune": controller.pre_prune_sparsity,
+        "steps": {
+            "dense": dense_steps,
+            "rpp": rpp_steps,
+            "recovery": recovery_steps,
+            "total": args.max_steps,
+        },
+        "final_lambda": controller.lam,
+        "prune_by": args.prune_by,
+        "model": "all-MiniLM-L6-v2 (embedded)" if args.model is None else args.model,
+        "dataset": dataset_name,
+        "seq_len": seq_len,
+        "batch_size": args.batch_size,
+        "world_size": _world_size(),
+        "masks_identical_on_all_ranks": controller.ranks_agree,
+        "mask_digest": controller.mask_digest,
+        "newly_initialised": head_new,
+        "output_embeddings_tied": tied,
+        "seconds": round(time.time() - started, 1),
+    }
+    if head_new:
+        report["note"] = (
+            "the checkpoint has no masked-LM head: it was initialised fresh"
+            + (" with its decoder tied to the word embeddings" if tied else "")
+            + "; the dense reference is measured after the dense steps trained it"
+        )
+    if trainer.is_world_process_zero():
+        trainer.save_model(partial)
+        T.save_masks(os.path.join(partial, T.MASKS_FILE), named, block)
+        with open(os.path.join(partial, T.LOG_FILE), "w") as f:
+            json.dump(trainer.state.log_history, f, indent=1)
+        with open(os.path.join(partial, T.REPORT_FILE), "w") as f:
+            json.dump(report, f, indent=1)
+        T.publish(partial, args.output_dir, args.keep_checkpoints)
+        _print_summary(report, args.output_dir)
+    return report
+
+
+def _print_summary(report: dict, out: str) -> None:
+    def fmt(m):
+        if not m:
+            return "n/a"
+        return f"accuracy {m['mlm_accuracy']:.4f}, loss {m['mlm_loss']:.4f}"
+
+    print(f"masked LM on held-out text  dense: {fmt(report['dense'])}")
+    print(
+        f"                             pruned ({report['sparsity']:.1%} sparse, "
+        f"{report['block_size'][0]}x{report['block_size'][1]} tiles): {fmt(report['pruned'])}"
+    )
+    print(f"wrote {out} ({report['seconds']} s)")

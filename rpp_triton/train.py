@@ -1,0 +1,409 @@
+"""Training pipeline on top of `transformers.Trainer`: RPP pruning on masked LM steered to a target
+sparsity, the hard prune to exactly that target, and fine-tuning with frozen masks.
+
+One prune run is a single Trainer run of `dense_steps + rpp_steps + recovery_steps` steps:
+- dense steps (lambda = 0) fit the task head (MiniLM ships without an MLM head) and give the dense
+  reference evaluated at their end;
+- RPP steps, where `SparsityController` multiplies lambda by exp(gain * gap) each step, the gap
+  being the scheduled sparsity (cubic ramp from 0 to the target) minus the current one;
+- at the end of the RPP steps a hard prune keeps exactly the (1 - target) share of tiles with the
+  largest score over all pruned weights, and the optimizer's masks are frozen;
+- recovery steps train with those frozen masks.
+Everything needed to resume (moments, alpha, masks, frozen flag, lambda in the param groups) lives
+in the optimizer state Trainer checkpoints; the controller adds `rpp_controller.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+
+import torch
+
+from rpp_triton.cli import UsageError
+
+CONTROLLER_FILE = "rpp_controller.json"
+REPORT_FILE = "rpp_report.json"
+MASKS_FILE = "rpp_masks.safetensors"
+LOG_FILE = "training_log.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles, masks, sparsity
+
+
+def as_block(block_size) -> tuple[int, int]:
+    bh, bw = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if bh < 1 or bw < 1:
+        raise ValueError(f"block_size must be positive, got {block_size!r}")
+    return int(bh), int(bw)
+
+
+def tile_view(w: torch.Tensor, block) -> torch.Tensor:
+    """`w[out, in]` as `[out/bh, in/bw, bh*bw]`: one row per tile."""
+    bh, bw = as_block(block)
+    o, i = w.shape
+    return w.reshape(o // bh, bh, i // bw, bw).permute(0, 2, 1, 3).reshape(o // bh, i // bw, bh * bw)
+
+
+def tile_scores(w: torch.Tensor, block, score: str = "rms") -> torch.Tensor:
+    """Per-tile score: RMS (`rms`) or mean absolute value (`magnitude`); for 1x1 tiles both are |w|."""
+    t = tile_view(w.detach().float(), block)
+    if score == "rms":
+        return t.pow(2).mean(-1).sqrt()
+    if score == "magnitude":
+        return t.abs().mean(-1)
+    raise ValueError(f"score must be 'rms' or 'magnitude', got {score!r}")
+
+
+def expand_tiles(tiles: torch.Tensor, block) -> torch.Tensor:
+    bh, bw = as_block(block)
+    return tiles.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
+
+
+def tile_mask(w: torch.Tensor, block) -> torch.Tensor:
+    """Kept tiles (any non-zero element), expanded to `w`'s shape."""
+    return expand_tiles(tile_view(w.detach(), block).ne(0).any(-1), block)
+
+
+def sparsity_of(tensors) -> float:
+    zeros = total = 0
+    for w in tensors:
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return zeros / total if total else 0.0
+
+
+@torch.no_grad()
+def hard_prune(named: list[tuple[str, torch.Tensor]], target: float, block, score: str = "rms") -> dict:
+    """Zero the lowest-scoring tiles over all `named` weights, globally, so that exactly
+    round(target * tiles) tiles are pruned; returns {name: bool mask}. Tiles pruned already score 0
+    and go first."""
+    scores = [tile_scores(w, block, score) for _, w in named]
+    flat = torch.cat([s.flatten() for s in scores])
+    n_prune = round(target * flat.numel())
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    if n_prune:
+        # sort is stable, so equal scores resolve the same way on every rank
+        keep[torch.sort(flat, stable=True).indices[:n_prune]] = False
+    masks, start = {}, 0
+    for (name, w), s in zip(named, scores):
+        tiles = keep[start : start + s.numel()].view_as(s)
+        start += s.numel()
+        mask = expand_tiles(tiles, block)
+        w.mul_(mask.to(w.dtype))
+        masks[name] = mask
+    return masks
+
+
+def pruned_named_params(optimizer) -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for group in optimizer.param_groups:
+        if group.get("prune", True):
+            names = group.get("param_names") or [f"param{i}" for i in range(len(group["params"]))]
+            out.extend(zip(names, group["params"]))
+    return out
+
+
+def layer_table(named: list[tuple[str, torch.Tensor]], block) -> list[dict]:
+    rows = []
+    for name, w in named:
+        tiles = tile_view(w.detach(), block).ne(0).any(-1)
+        rows.append(
+            {
+                "name": name,
+                "shape": list(w.shape),
+                "sparsity": float((w == 0).sum()) / w.numel(),
+                "tiles_kept": int(tiles.sum()),
+                "tiles": tiles.numel(),
+            }
+        )
+    return rows
+
+
+def mask_digest(named: list[tuple[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, w in named:
+        h.update(name.encode())
+        h.update(w.detach().ne(0).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def ranks_agree(digest: str) -> bool:
+    """True when every rank holds the same digest (trivially true on one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest)
+    return len(set(gathered)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Lambda controller
+
+
+def _trainer_callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class SparsityController(_trainer_callback_base()):
+    """Steers `rpp_lambda` so the sparsity follows a cubic ramp to `target`, then hard-prunes to the
+    exact target and freezes the masks. Evaluations it asks for are filed under the phase they
+    close: "dense", "hard_pruned" (before recovery), "final"."""
+
+    def __init__(
+        self,
+        optimizer,
+        target: float,
+        block_size,
+        dense_steps: int,
+        rpp_steps: int,
+        recovery_steps: int,
+        init_lambda: float = 1.0,
+        gain: float = 5.0,
+        max_change: float = 0.3,
+        ramp: float = 0.7,
+        prune_by: str = "rms",
+    ):
+        self.optimizer = optimizer
+        self.target = float(target)
+        self.block = as_block(block_size)
+        self.dense_steps, self.rpp_steps, self.recovery_steps = dense_steps, rpp_steps, recovery_steps
+        self.gain, self.max_change, self.ramp, self.prune_by = gain, max_change, ramp, prune_by
+        self.lam = float(init_lambda) if target > 0 else 0.0
+        self.hard_pruned = False
+        self.evals: dict[str, dict] = {}
+        self.pre_prune_sparsity: float | None = None
+        self.ranks_agree: bool | None = None
+        self.mask_digest: str | None = None
+        self.last_sparsity = 0.0
+        self._set_lambda(0.0 if dense_steps > 0 else self.lam)
+
+    # the schedule ----------------------------------------------------------------------------
+    @property
+    def prune_at(self) -> int:
+        return self.dense_steps + self.rpp_steps
+
+    def scheduled(self, step: int) -> float:
+        if step <= self.dense_steps or self.rpp_steps == 0:
+            return 0.0
+        u = min(1.0, (step - self.dense_steps) / max(1.0, self.ramp * self.rpp_steps))
+        return self.target * (1 - (1 - u) ** 3)
+
+    def phase(self, step: int) -> str:
+        if step <= self.dense_steps and not self.hard_pruned:
+            return "dense"
+        return "rpp" if step <= self.prune_at and not self.hard_pruned else "recovery"
+
+    def _set_lambda(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            if group.get("prune", True):
+                group["rpp_lambda"] = value
+
+    # Trainer hooks ---------------------------------------------------------------------------
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        named = pruned_named_params(self.optimizer)
+        self.last_sparsity = sparsity_of(w for _, w in named)
+        if step == self.dense_steps and self.dense_steps > 0:
+            control.should_evaluate = True
+        if step < self.dense_steps:
+            self._set_lambda(0.0)
+        elif step < self.prune_at and self.target > 0:
+            gap = self.scheduled(step + 1) - self.last_sparsity
+            change = self.gain * gap / self.target
+            self.lam *= math.exp(max(-self.max_change, min(self.max_change, change)))
+            self.lam = min(max(self.lam, 1e-6), 1e6)
+            self._set_lambda(self.lam)
+        elif step == self.prune_at and not self.hard_pruned:
+            self.pre_prune_sparsity = self.last_sparsity
+            hard_prune(named, self.target, self.block, self.prune_by)
+            self.optimizer.freeze_masks()
+            self._set_lambda(0.0)
+            self.hard_pruned = True
+            self.last_sparsity = sparsity_of(w for _, w in named)
+            self.mask_digest = mask_digest(named)
+            self.ranks_agree = ranks_agree(self.mask_digest)
+            if self.recovery_steps > 0:
+                control.should_evaluate = True
+        if step >= state.max_steps:
+            control.should_evaluate = True
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        step = state.global_step
+        if step == 0 or (step == self.dense_steps and not self.hard_pruned):
+            key = "dense"
+        elif step >= state.max_steps:
+            key = "final"
+        elif step == self.prune_at:
+            key = "hard_pruned"
+        else:
+            key = f"step{step}"
+        self.evals[key] = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(ckpt):
+                with open(os.path.join(ckpt, CONTROLLER_FILE), "w") as f:
+                    json.dump(self.state_dict(), f, indent=1)
+
+    def log_fields(self) -> dict:
+        fields = {"rpp_lambda": self.lam if not self.hard_pruned else 0.0, "sparsity": self.last_sparsity}
+        for row in layer_table(pruned_named_params(self.optimizer), (1, 1)):
+            fields[f"sparsity/{row['name']}"] = row["sparsity"]
+        return fields
+
+    # checkpoint ------------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {
+            "target": self.target,
+            "block_size": list(self.block),
+            "dense_steps": self.dense_steps,
+            "rpp_steps": self.rpp_steps,
+            "recovery_steps": self.recovery_steps,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config(),
+            "lam": self.lam,
+            "hard_pruned": self.hard_pruned,
+            "evals": self.evals,
+            "pre_prune_sparsity": self.pre_prune_sparsity,
+            "mask_digest": self.mask_digest,
+            "ranks_agree": self.ranks_agree,
+            "last_sparsity": self.last_sparsity,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"] != self.config():
+            diff = [k for k in self.config() if state["config"].get(k) != self.config()[k]]
+            raise UsageError(
+                f"checkpoint was made with different settings ({', '.join(diff)}); "
+                "resume with the same --target-sparsity, --block-size and step counts"
+            )
+        for key in ("lam", "hard_pruned", "evals", "pre_prune_sparsity", "mask_digest", "ranks_agree"):
+            setattr(self, key, state[key])
+        self.last_sparsity = state.get("last_sparsity", 0.0)
+
+
+def make_trainer_class():
+    """`Trainer` whose logs carry lambda and per-layer sparsity, so TensorBoard and the training
+    log get them."""
+    from transformers import Trainer
+
+    class RPPTrainer(Trainer):
+        controller: SparsityController | None = None
+
+        def log(self, logs, *args, **kwargs):
+            if self.controller is not None and "loss" in logs:
+                logs = {**logs, **self.controller.log_fields()}
+            return super().log(logs, *args, **kwargs)
+
+    return RPPTrainer
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directories: never clobber a previous run
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_output_dir(out: str, overwrite: bool, resume: str | None) -> str:
+    """Refuse a directory holding another run unless told to overwrite or resume. Returns the
+    working directory `<out>.partial` the run writes to before it is renamed to `out`."""
+    partial = out.rstrip(os.sep) + ".partial"
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"output path {out!r} is a file, not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not (overwrite or resume):
+        raise UsageError(f"output directory {out!r} holds another run; pass --overwrite to replace it")
+    if os.path.isdir(partial) and os.listdir(partial) and not (overwrite or resume):
+        raise UsageError(
+            f"{partial!r} holds an interrupted run; pass --resume-from-checkpoint {partial}/checkpoint-N "
+            "or --overwrite"
+        )
+    return partial
+
+
+def start_partial(partial: str, resume: str | None) -> None:
+    if not is_main_process():
+        return
+    inside = resume and os.path.abspath(resume).startswith(os.path.abspath(partial) + os.sep)
+    if os.path.isdir(partial) and not inside:
+        shutil.rmtree(partial)
+    os.makedirs(partial, exist_ok=True)
+
+
+def publish(partial: str, out: str, keep_checkpoints: bool) -> None:
+    """Move the finished run into place: the old output is only removed once the new one is in."""
+    if not keep_checkpoints:
+        for name in os.listdir(partial):
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(os.path.join(partial, name))
+    old = None
+    if os.path.exists(out):
+        old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(partial, out)
+    if old:
+        shutil.rmtree(old)
+
+
+def check_checkpoint(path: str) -> dict:
+    """Validate a checkpoint before Trainer touches it; returns the controller state if present."""
+    if not os.path.isdir(path):
+        raise UsageError(f"checkpoint {path!r} does not exist")
+    needed = ["trainer_state.json", "optimizer.pt"]
+    missing = [n for n in needed if not os.path.isfile(os.path.join(path, n))]
+    weights = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))]
+    if missing or not weights:
+        raise UsageError(
+            f"checkpoint {path!r} is incomplete (missing {', '.join(missing) or 'model weights'})"
+        )
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+        torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+        if weights[0].endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            load_file(os.path.join(path, weights[0]))
+        controller = None
+        if os.path.isfile(os.path.join(path, CONTROLLER_FILE)):
+            with open(os.path.join(path, CONTROLLER_FILE)) as f:
+                controller = json.load(f)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"checkpoint {path!r} is corrupt: {first}") from None
+    return controller
+
+
+def save_masks(path: str, named: list[tuple[str, torch.Tensor]], block) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: tile_mask(w, block).to(torch.uint8).contiguous() for name, w in named}, path)
+
+
+def load_masks(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.bool() for k, v in load_file(path).items()}
+
+
+def default_report_to() -> list[str]:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return []
+    return ["tensorboard"]
