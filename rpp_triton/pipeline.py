@@ -9,6 +9,7 @@ import os
 import time
 
 import numpy as np
+import torch
 
 from rpp_triton import train as T
 from rpp_triton.cli import UsageError
@@ -228,3 +229,192 @@ def _print_summary(report: dict, out: str) -> None:
         f"{report['block_size'][0]}x{report['block_size'][1]} tiles): {fmt(report['pruned'])}"
     )
     print(f"wrote {out} ({report['seconds']} s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning with frozen masks
+
+
+def _source_pruning(model_dir: str) -> tuple[dict | None, dict | None]:
+    """(rpp_report.json, masks) of a pruned model directory, or (None, None) for a plain model."""
+    report = masks = None
+    if os.path.isdir(model_dir):
+        path = os.path.join(model_dir, T.REPORT_FILE)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    report = json.load(f)
+            except ValueError:
+                raise UsageError(f"{path!r} is not valid JSON") from None
+        path = os.path.join(model_dir, T.MASKS_FILE)
+        if os.path.isfile(path):
+            try:
+                masks = T.load_masks(path)
+            except Exception:
+                raise UsageError(f"{path!r} is corrupt") from None
+    return report, masks
+
+
+def _apply_masks(model, masks: dict) -> None:
+    params = dict(model.named_parameters())
+    prefix = model.base_model_prefix + "."
+    with torch.no_grad():
+        for name, mask in masks.items():
+            candidates = (name, prefix + name, name.removeprefix(prefix))
+            p = next((params[c] for c in candidates if c in params), None)
+            if p is None or p.shape != mask.shape:
+                raise UsageError(f"mask {name!r} of {T.MASKS_FILE} matches no parameter of the model")
+            p.mul_(mask.to(p.dtype))
+
+
+def _task_metrics(spec):
+    from rpp_triton import metrics as M
+
+    def compute(eval_pred):
+        preds, labels = eval_pred.predictions, eval_pred.label_ids
+        if isinstance(preds, tuple):
+            preds = preds[0]
+        preds = preds.reshape(-1) if spec.kind == "regression" else preds.argmax(-1)
+        return M.compute(spec.metrics, preds, labels)
+
+    return compute
+
+
+def finetune_pipeline(args) -> dict:
+    """Run `rpp-triton finetune`; returns the report written to finetune_report.json."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        set_seed,
+    )
+
+    from rpp_triton import RPPAdamW, param_groups
+    from rpp_triton import data as D
+
+    started = time.time()
+    partial = T.check_output_dir(args.output_dir, args.overwrite, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint:
+        T.check_checkpoint(args.resume_from_checkpoint)
+    model_name, _ = common.resolve_model(args.model)
+    source_report, masks = _source_pruning(model_name)
+    task = D.load_task(
+        args.task,
+        args.train_file,
+        args.validation_file,
+        args.text_column,
+        args.text_pair_column,
+        args.label_column,
+        args.regression,
+    )
+    tokenizer = common.load_pretrained(AutoTokenizer, model_name)
+
+    def encode(rows):
+        enc = tokenizer(
+            [r["text"] for r in rows],
+            [r["text_pair"] for r in rows] if rows and rows[0]["text_pair"] is not None else None,
+            truncation=True,
+            max_length=args.max_length,
+        )
+        return [{**{k: v[i] for k, v in enc.items()}, "labels": r["label"]} for i, r in enumerate(rows)]
+
+    train_rows, eval_rows = encode(task.train), encode(task.eval)
+
+    set_seed(args.seed)
+    kwargs = {"num_labels": task.num_labels, "ignore_mismatched_sizes": True}
+    if task.spec.kind == "regression":
+        kwargs["problem_type"] = "regression"
+    else:
+        kwargs["id2label"] = dict(enumerate(task.label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+    model = common.load_pretrained(AutoModelForSequenceClassification, model_name, **kwargs)
+    block = tuple(source_report["block_size"]) if source_report else (1, 1)
+    if masks:
+        _apply_masks(model, masks)
+    try:
+        optimizer = RPPAdamW(
+            param_groups(
+                model, lr=args.lr, weight_decay=args.weight_decay, block_size=block, backend=args.backend
+            ),
+            lr=args.lr,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    optimizer.freeze_masks()
+    named = T.pruned_named_params(optimizer)
+    sparsity_before, digest_before = T.sparsity_of(w for _, w in named), T.mask_digest(named)
+
+    T.start_partial(partial, args.resume_from_checkpoint)
+    targs = common.training_arguments(
+        partial,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,
+        save_steps=args.save_steps or 1,
+        save_strategy="steps" if args.save_steps else "no",
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        eval_strategy="no",
+    )
+    trainer = T.make_trainer_class()(
+        model=model,
+        args=targs,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        optimizers=(optimizer, None),
+        compute_metrics=_task_metrics(task.spec),
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+
+    sparsity_after, digest_after = T.sparsity_of(w for _, w in named), T.mask_digest(named)
+    if digest_after != digest_before:
+        raise RuntimeError("the sparsity pattern changed during fine-tuning although the masks were frozen")
+    layers = T.layer_table(named, block)
+    report = {
+        "task": task.spec.name,
+        "metrics": {k.removeprefix("eval_"): float(v) for k, v in metrics.items() if k != "epoch"},
+        "metric_names": list(task.spec.metrics),
+        "sparsity_before": sparsity_before,
+        "sparsity_after": sparsity_after,
+        "masks_unchanged": True,
+        "masks_identical_on_all_ranks": T.ranks_agree(digest_after),
+        "model": "all-MiniLM-L6-v2 (embedded)" if args.model is None else args.model,
+        "labels": task.label_names,
+        "train_examples": len(train_rows),
+        "eval_examples": len(eval_rows),
+        "steps": trainer.state.global_step,
+        "world_size": _world_size(),
+        "seconds": round(time.time() - started, 1),
+    }
+    if trainer.is_world_process_zero():
+        trainer.save_model(partial)
+        pruning = {
+            "sparsity": sparsity_after,
+            "target_sparsity": (source_report or {}).get("target_sparsity", 0.0),
+            "block_size": list(block),
+            "layers": layers,
+            "finetune": {k: report[k] for k in ("task", "metrics", "sparsity_before", "sparsity_after")},
+        }
+        T.save_masks(os.path.join(partial, T.MASKS_FILE), named, block)
+        for name, obj in (
+            (T.REPORT_FILE, pruning),
+            ("finetune_report.json", report),
+            (T.LOG_FILE, trainer.state.log_history),
+        ):
+            with open(os.path.join(partial, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        T.publish(partial, args.output_dir, args.keep_checkpoints)
+        shown = ", ".join(
+            f"{k} {report['metrics'][k]:.4f}" for k in task.spec.metrics if k in report["metrics"]
+        )
+        print(f"{task.spec.name}: {shown}")
+        print(f"sparsity before {sparsity_before:.4f}, after {sparsity_after:.4f} (masks frozen)")
+        print(f"wrote {args.output_dir} ({report['seconds']} s)")
+    return report

@@ -1,0 +1,63 @@
+"""`rpp-triton finetune`: train a classification head on a (pruned) encoder with its masks frozen,
+so the sparsity before and after is identical.
+
+Tasks: GLUE by name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, each with its metric), local
+CSV/JSON files (--train-file, --text-column, --label-column), or with neither the offline default:
+which of eight Python documentation topics a passage comes from.
+"""
+
+from __future__ import annotations
+
+import os
+
+from rpp_triton.cli import UsageError
+from rpp_triton.commands.common import add_run_arguments
+
+
+def register(subparsers) -> None:
+    from rpp_triton.data import TASK_NAMES
+
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune a pruned model on a downstream task with frozen masks",
+        description=__doc__,
+    )
+    p.add_argument("--model", help="pruned model directory, hub name (default: the shipped all-MiniLM-L6-v2)")
+    p.add_argument("--task", help=f"task name: {', '.join(TASK_NAMES)} (default: pydoc-topics)")
+    p.add_argument("--train-file", help="local CSV/JSON/JSONL training file")
+    p.add_argument("--validation-file", help="local validation file (default: every 5th training row)")
+    p.add_argument("--text-column", help="text column of local files (default 'text')")
+    p.add_argument("--text-pair-column", help="second text column for sentence-pair tasks")
+    p.add_argument("--label-column", help="label column of local files (default 'label')")
+    p.add_argument("--regression", action="store_true", help="labels are numbers (local files)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, help="stop after N steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (truncated)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    add_run_arguments(p)
+    p.set_defaults(func=run)
+
+
+def validate(args) -> None:
+    for name in ("max_steps", "batch_size", "max_length"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.epochs <= 0 or args.lr <= 0:
+        raise UsageError("--epochs and --lr must be positive")
+    for name in ("train_file", "validation_file"):
+        path = getattr(args, name)
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"--{name.replace('_', '-')} {path!r} does not exist")
+    if args.validation_file and not args.train_file:
+        raise UsageError("--validation-file needs --train-file")
+
+
+def run(args) -> int:
+    validate(args)
+    from rpp_triton.pipeline import finetune_pipeline
+
+    finetune_pipeline(args)
+    return 0

@@ -1,0 +1,126 @@
+"""Per-layer sparsity of a saved model: a terminal table and a picture of the kept tiles."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from rpp_triton import train as T
+from rpp_triton.cli import UsageError
+
+
+def load_layers(model_dir: str, block=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(report dict, {name: weight}) for the pruned weights of a saved model. The layer list comes
+    from rpp_report.json when present, else from the default pruning split of the model."""
+    if not os.path.isdir(model_dir):
+        raise UsageError(f"model directory {model_dir!r} does not exist")
+    path = os.path.join(model_dir, T.REPORT_FILE)
+    report = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                report = json.load(f)
+        except ValueError:
+            raise UsageError(f"{path!r} is not valid JSON") from None
+    weights = _read_weights(model_dir)
+    if report.get("layers"):
+        names = [row["name"] for row in report["layers"]]
+    else:
+        names = [n for n in weights if _default_pruned(n)]
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise UsageError(f"{model_dir!r}: weight {missing[0]!r} named in {T.REPORT_FILE} is not in the model")
+    if not names:
+        raise UsageError(f"{model_dir!r} has no encoder attention/feed-forward weights to report on")
+    block = T.as_block(block or tuple(report.get("block_size", (1, 1))))
+    return {**report, "block_size": list(block)}, {n: weights[n] for n in names}
+
+
+def _default_pruned(name: str) -> bool:
+    import re
+
+    from rpp_triton.optim import _ENCODER_LAYER
+
+    return (
+        name.endswith(".weight")
+        and bool(_ENCODER_LAYER.search(name))
+        and not re.search(r"LayerNorm|norm", name)
+    )
+
+
+def _read_weights(model_dir: str) -> dict[str, torch.Tensor]:
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") and f.startswith("model"))
+    if not files:
+        raise UsageError(f"{model_dir!r} holds no model*.safetensors weights")
+    from safetensors.torch import load_file
+
+    out = {}
+    try:
+        for f in files:
+            out.update({k: v for k, v in load_file(os.path.join(model_dir, f)).items() if v.dim() == 2})
+    except Exception:
+        raise UsageError(f"{model_dir!r}: cannot read its weights (corrupt safetensors file?)") from None
+    return out
+
+
+def table(weights: dict[str, torch.Tensor], block) -> tuple[list[dict], str]:
+    rows = T.layer_table(list(weights.items()), block)
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'layer':<{width}}  {'shape':>11}  {'sparsity':>8}  {'tiles kept':>16}"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        lines.append(
+            f"{r['name']:<{width}}  {shape:>11}  {r['sparsity']:>8.2%}  {r['tiles_kept']:>7}/{r['tiles']:<8}"
+        )
+    zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in rows)
+    total = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    bh, bw = T.as_block(block)
+    lines.append(f"{'total':<{width}}  {'':>11}  {zeros / total:>8.2%}  ({bh}x{bw} tiles)")
+    return rows, "\n".join(lines)
+
+
+def picture(weights: dict[str, torch.Tensor], block, path: str, max_cells: int = 96) -> None:
+    """One panel per weight: white = kept tile, black = pruned. Maps with more than `max_cells`
+    tiles per side are pooled, so a pixel shows the kept share of a group of tiles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(weights)
+    cols = _panels_per_row(names)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        kept = T.tile_view(weights[name], block).ne(0).any(-1).float()
+        pool = max(1, -(-max(kept.shape) // max_cells))
+        if pool > 1:
+            kept = torch.nn.functional.avg_pool2d(kept[None, None], pool, ceil_mode=True)[0, 0]
+        ax.imshow(kept.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        ax.set_title(
+            f"{_short(name)}\n{1 - float((weights[name] != 0).float().mean()):.0%} sparse", fontsize=7
+        )
+    bh, bw = T.as_block(block)
+    fig.suptitle(f"kept {bh}x{bw} tiles (white) per layer", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _panels_per_row(names: list[str]) -> int:
+    import re
+
+    layers = {m.group(0) for n in names if (m := re.search(r"layer\.\d+", n))}
+    per_layer = len(names) // len(layers) if layers and len(names) % len(layers) == 0 else 6
+    return max(1, min(per_layer, 8))
+
+
+def _short(name: str) -> str:
+    import re
+
+    name = re.sub(r"^.*?layer\.(\d+)\.", r"L\1 ", name).removesuffix(".weight")
+    return name.replace("attention.self.", "attn.").replace("attention.output.dense", "attn.out")
