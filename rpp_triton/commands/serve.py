@@ -117,6 +117,7 @@ def run(args) -> int:
 
 def _run_local(args, config) -> int:
     import logging
+    import threading
 
     import uvicorn
 
@@ -136,7 +137,15 @@ def _run_local(args, config) -> int:
         failed.append(exc)
         server.should_exit = True
 
-    app, _ = create_app(load, config, on_failure=on_failure)
+    app, service = create_app(load, config, on_failure=on_failure)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Flush the batcher at once; uvicorn then waits for the in-flight requests. A thread,
+            # because the signal may interrupt the event loop while it holds the batcher's lock.
+            threading.Thread(target=service.begin_shutdown, daemon=True).start()
+            super().handle_exit(sig, frame)
+
     uv_config = uvicorn.Config(
         app,
         host=args.host,
@@ -146,7 +155,7 @@ def _run_local(args, config) -> int:
         timeout_graceful_shutdown=config.request_timeout_s + 5,
         timeout_keep_alive=5,
     )
-    server = uvicorn.Server(uv_config)
+    server = Server(uv_config)
     server.run()
     if failed:
         print(f"rpp-triton serve: error: the model failed to load: {failed[0]}")

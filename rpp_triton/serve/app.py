@@ -308,8 +308,13 @@ class LocalService(Service):
     async def run(self, encoded: list, timeout: float) -> list:
         return await self.batcher.submit(encoded, [len(e) for e in encoded], timeout)
 
+    def begin_shutdown(self) -> None:
+        """Stop taking work and run what is queued now, without waiting out the batch window."""
+        self.shutdown(drain_timeout=0)
+
     def shutdown(self, drain_timeout: float | None = None) -> None:
-        if self.state == "ready":
+        """Refuse new work (503) and wait up to `drain_timeout` for the queued work to finish."""
+        if self.state in ("loading", "ready"):
             self.state = "draining"
         self.metrics.ready.set(0)
         if self.batcher is not None:
@@ -452,6 +457,8 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI could not decode the body at all (e.g. not UTF-8)
+            return error_response(400, "malformed_json", f"the request body is not valid JSON ({exc.detail})")
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
 
