@@ -1,0 +1,360 @@
+"""Block-sparse inference: turn pruned `nn.Linear` layers into BSR layers that skip zero tiles.
+
+`BlockSparseLinear.from_dense(linear)` keeps only the non-zero tiles of the weight;
+`sparsify(model)` swaps every suitable `nn.Linear` of a model (any `nn.Module`, including
+`transformers` BERT-family models) in place and `densify(model)` undoes it. `save_sparse` writes
+only the stored tiles (safetensors) and `load_sparse` reads them back into either form.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rpp_triton.backend import check_backend, resolve
+from rpp_triton.kernels.bsmm import bsmm, bsmm_ref, bsr_from_dense, bsr_to_dense
+
+__all__ = ["BlockSparseLinear", "sparsify", "densify", "save_sparse", "load_sparse", "tile_sparsity"]
+
+SAFETENSORS_NAME = "sparse_model.safetensors"
+_META_KEY = "rpp_triton.sparse"
+
+
+def _pair(block_size) -> tuple[int, int]:
+    if isinstance(block_size, int):
+        block_size = (block_size, block_size)
+    bh, bw = (int(v) for v in block_size)
+    if bh < 1 or bw < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    return bh, bw
+
+
+def tile_sparsity(weight: torch.Tensor, block_size=32) -> float:
+    """Fraction of the (bh, bw) tiles of a 2-D `weight` that are entirely zero."""
+    bh, bw = _pair(block_size)
+    out_f, in_f = weight.shape
+    if out_f % bh or in_f % bw:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not divide into {bh}x{bw} tiles")
+    tiles = weight.detach().reshape(out_f // bh, bh, in_f // bw, bw)
+    return 1.0 - tiles.ne(0).any(dim=3).any(dim=1).float().mean().item()
+
+
+def _kernel_supports(bh: int, bw: int) -> bool:
+    return all(v >= 16 and v & (v - 1) == 0 for v in (bh, bw))
+
+
+class BlockSparseLinear(nn.Module):
+    """y = x @ W^T + b (then exact GELU when `gelu`) with W stored as its non-zero tiles (BSR).
+
+    For inference: the tiles, indices and bias are buffers (they follow `.to()` and the state dict)
+    and no gradient flows into them; use `densify` to train again.
+    """
+
+    def __init__(self, in_features, out_features, block_size, values, col_idx, row_ptr, bias=None,
+                 backend="auto", gelu=False):  # fmt: skip
+        super().__init__()
+        bh, bw = _pair(block_size)
+        if out_features % bh or in_features % bw:
+            raise ValueError(
+                f"weight of shape ({out_features}, {in_features}) does not divide into {bh}x{bw} tiles"
+            )
+        if tuple(values.shape[1:]) != (bh, bw) or row_ptr.numel() != out_features // bh + 1:
+            raise ValueError("values must be [nnz, bh, bw] and row_ptr have out_features // bh + 1 entries")
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size = (bh, bw)
+        self.backend = check_backend(backend)
+        self.gelu = bool(gelu)
+        self.register_buffer("values", values.detach())
+        self.register_buffer("col_idx", col_idx.detach().to(torch.int32))
+        self.register_buffer("row_ptr", row_ptr.detach().to(torch.int32))
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_size=32, backend="auto", gelu=False) -> BlockSparseLinear:
+        """The block-sparse equivalent of `linear` (tiles of `block_size`, an int or (bh, bw))."""
+        weight = getattr(linear, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"from_dense needs a module with a 2-D weight, got {type(linear).__name__}")
+        if not weight.is_floating_point():
+            raise ValueError(f"weight must be floating point, got {weight.dtype}")
+        bh, bw = _pair(block_size)
+        out_f, in_f = weight.shape
+        if out_f % bh or in_f % bw:
+            raise ValueError(f"weight of shape {tuple(weight.shape)} does not divide into {bh}x{bw} tiles")
+        values, col_idx, row_ptr = bsr_from_dense(weight, (bh, bw))
+        bias = getattr(linear, "bias", None)
+        return cls(in_f, out_f, (bh, bw), values, col_idx, row_ptr, bias, backend=backend, gelu=gelu)
+
+    @property
+    def nnz_tiles(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the weight's tiles that are not stored (all zero)."""
+        bh, bw = self.block_size
+        return 1.0 - self.nnz_tiles / ((self.out_features // bh) * (self.in_features // bw))
+
+    def dense_weight(self) -> torch.Tensor:
+        return bsr_to_dense(self.values, self.col_idx, self.row_ptr, self.in_features)
+
+    def to_linear(self) -> nn.Linear:
+        """An `nn.Linear` with the same weight and bias (the GELU, if fused, is not part of it)."""
+        w = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"input must be floating point, got {x.dtype}")
+        if x.dtype != self.values.dtype:
+            raise ValueError(
+                f"input is {x.dtype} but the layer's weights are {self.values.dtype}; "
+                "cast the input or call .to(dtype) on the model"
+            )
+        if x.device != self.values.device:
+            raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
+        backend = resolve(self.backend, x.device)
+        bh, bw = self.block_size
+        if backend == "triton" and not _kernel_supports(bh, bw):
+            if self.backend == "triton":
+                raise ValueError(
+                    f"the Triton kernel needs power-of-two tiles >= 16, this layer has {bh}x{bw}"
+                )
+            backend = "torch"
+        fn = bsmm if backend == "triton" else bsmm_ref
+        return fn(x, self.values, self.col_idx, self.row_ptr, self.bias, gelu=self.gelu)
+
+    def extra_repr(self) -> str:
+        bh, bw = self.block_size
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, block_size=({bh}, {bw}), "
+            f"sparsity={self.sparsity:.3f}, bias={self.bias is not None}, gelu={self.gelu}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class FusedActivation(nn.Identity):
+    """Stands where an activation was fused into the preceding BlockSparseLinear; keeps the original
+    so `densify` can put it back."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+
+
+def _is_exact_gelu(module) -> bool:
+    if isinstance(module, nn.GELU):
+        return module.approximate == "none"
+    # transformers' GELUActivation (BERT's "gelu"): F.gelu or its erf formula in Python.
+    if type(module).__name__ == "GELUActivation":
+        act = getattr(module, "act", None)
+        return act is F.gelu or getattr(act, "__name__", "") == "_gelu_python"
+    return False
+
+
+def _following_gelu(parent: nn.Module, name: str):
+    """Name of the exact GELU that `parent.<name>`'s output goes into, if the structure says so."""
+    # BERT-family intermediate block: hidden = act(dense(hidden)).
+    if name == "dense" and _is_exact_gelu(getattr(parent, "intermediate_act_fn", None)):
+        return "intermediate_act_fn"
+    if isinstance(parent, nn.Sequential):
+        names = list(parent._modules)
+        i = names.index(name)
+        if i + 1 < len(names) and _is_exact_gelu(parent._modules[names[i + 1]]):
+            return names[i + 1]
+    return None
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters reachable under several names (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
+def sparsify(model: nn.Module, block_size=32, min_sparsity=0.0, backend="auto", fuse_gelu=True):
+    """Swap, in place, each `nn.Linear` whose tile sparsity is >= `min_sparsity` for a BlockSparseLinear.
+
+    Layers whose weight does not divide into tiles, tied weights, and the projections inside
+    `nn.MultiheadAttention` (which reads their weights directly) are left dense. With `fuse_gelu`,
+    an exact GELU right after a swapped layer (BERT's intermediate block, or the next module of an
+    `nn.Sequential`) runs in the layer's epilogue. Returns the model (the new layer if `model` is
+    itself an `nn.Linear`).
+    """
+    bh, bw = _pair(block_size)
+    check_backend(backend)
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+
+    def eligible(linear):
+        out_f, in_f = linear.weight.shape
+        return (
+            not out_f % bh
+            and not in_f % bw
+            and linear.weight.is_floating_point()
+            and id(linear.weight) not in shared
+            and tile_sparsity(linear.weight, (bh, bw)) >= min_sparsity
+        )
+
+    shared = _shared_weights(model)
+    if isinstance(model, nn.Linear):
+        return BlockSparseLinear.from_dense(model, (bh, bw), backend) if eligible(model) else model
+    for parent in list(model.modules()):
+        if isinstance(parent, (nn.MultiheadAttention, BlockSparseLinear)):
+            continue
+        for name, child in list(parent._modules.items()):
+            if type(child) is not nn.Linear or not eligible(child):
+                continue
+            act_name = _following_gelu(parent, name) if fuse_gelu else None
+            layer = BlockSparseLinear.from_dense(child, (bh, bw), backend, gelu=act_name is not None)
+            setattr(parent, name, layer)
+            if act_name is not None:
+                setattr(parent, act_name, FusedActivation(getattr(parent, act_name)))
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Inverse of `sparsify`: each BlockSparseLinear back to an `nn.Linear`, fused GELUs restored."""
+    if isinstance(model, BlockSparseLinear):
+        if model.gelu:
+            return nn.Sequential(model.to_linear(), nn.GELU())
+        return model.to_linear()
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, BlockSparseLinear):
+                setattr(parent, name, child.to_linear())
+            elif isinstance(child, FusedActivation):
+                setattr(parent, name, child.original)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Compact save / load
+# ----------------------------------------------------------------------------------------------
+def _get(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(model, parent), name, module)
+
+
+def save_sparse(model: nn.Module, directory) -> str:
+    """Write a sparsified model compactly: only the stored tiles of each BlockSparseLinear.
+
+    Creates `directory/sparse_model.safetensors` (plus `config.json` for `transformers` models) and
+    returns the file's path. Tied tensors are written once.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    layers, fused = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, BlockSparseLinear):
+            layers[name] = {
+                "in_features": module.in_features,
+                "out_features": module.out_features,
+                "block_size": list(module.block_size),
+                "gelu": module.gelu,
+            }
+        elif isinstance(module, FusedActivation):
+            fused.append(name)
+    tensors, aliases, seen = {}, {}, {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().contiguous().cpu()
+    meta = {"format": "pt", _META_KEY: json.dumps({"layers": layers, "fused": fused, "aliases": aliases})}
+    path = os.path.join(directory, SAFETENSORS_NAME)
+    save_file(tensors, path, metadata=meta)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained"):
+        config = copy.deepcopy(config)
+        config.architectures = [type(model).__name__]  # what load_sparse rebuilds
+        config.save_pretrained(directory)
+    return path
+
+
+def _model_from_config(directory) -> nn.Module:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+
+
+def load_sparse(directory, model: nn.Module | None = None, dense=False, backend="auto") -> nn.Module:
+    """Load what `save_sparse` wrote, into `model` or (for `transformers` models) one built from the
+    saved config. `dense=False` gives the sparse model back; `dense=True` a plain dense model with
+    `nn.Linear` layers (for `transformers`, ready for `save_pretrained` / `from_pretrained`).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, SAFETENSORS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {SAFETENSORS_NAME} in {directory}")
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get(_META_KEY, "null") or "null")
+    if meta is None:
+        raise ValueError(f"{path} was not written by save_sparse (no {_META_KEY} metadata)")
+    tensors = load_file(path)
+    for key, source in meta["aliases"].items():
+        tensors[key] = tensors[source]
+    if model is None:
+        model = _model_from_config(directory)
+    model = densify(model)  # start from the plain form, whatever the caller handed in
+
+    for name, info in meta["layers"].items():
+        linear = _get(model, name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"{name} in the checkpoint is a sparse linear layer but the model has {linear!r}"
+            )
+        values, col_idx, row_ptr = (tensors.pop(f"{name}.{k}") for k in ("values", "col_idx", "row_ptr"))
+        bias = tensors.pop(f"{name}.bias", None)
+        if dense:
+            with torch.no_grad():
+                linear.weight.copy_(bsr_to_dense(values, col_idx, row_ptr, info["in_features"]))
+                if bias is not None:
+                    linear.bias.copy_(bias)
+        else:
+            layer = BlockSparseLinear(
+                info["in_features"], info["out_features"], info["block_size"], values, col_idx, row_ptr,
+                bias, backend=backend, gelu=info["gelu"],
+            )  # fmt: skip
+            _set(model, name, layer.to(device=linear.weight.device, dtype=linear.weight.dtype))
+    for name in meta["fused"]:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{name}.original.")}
+        if not dense:
+            _set(model, name, FusedActivation(_get(model, name)))
+
+    sparse_prefixes = tuple(f"{n}." for n in meta["layers"])
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not k.startswith(sparse_prefixes)]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()

@@ -1,0 +1,192 @@
+"""BlockSparseLinear, sparsify / densify and compact save / load against the dense models."""
+
+import pytest
+import torch
+from torch import nn
+
+import rpp_triton as rpp
+from rpp_triton.sparse import FusedActivation, load_sparse, save_sparse, tile_sparsity
+
+BACKENDS = ["torch", "triton"]  # "triton" runs the kernel in the interpreter on CPU
+
+
+def prune_tiles(weight: torch.Tensor, block, sparsity: float) -> torch.Tensor:
+    """Zero a random `sparsity` fraction of `weight`'s tiles in place; returns the tile mask."""
+    bh, bw = block
+    rows, cols = weight.shape[0] // bh, weight.shape[1] // bw
+    keep = torch.ones(rows * cols, dtype=torch.bool)
+    keep[torch.randperm(rows * cols)[: round(sparsity * rows * cols)]] = False
+    keep = keep.view(rows, cols)
+    with torch.no_grad():
+        weight.mul_(keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1).to(weight.dtype))
+    return keep
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(7, 64), (2, 9, 64)], ids=["2d", "3d"])
+def test_from_dense_matches_linear(backend, shape):
+    linear = nn.Linear(64, 48)
+    keep = prune_tiles(linear.weight, (16, 16), 0.5)
+    layer = rpp.BlockSparseLinear.from_dense(linear, block_size=16, backend=backend)
+    assert layer.nnz_tiles == int(keep.sum())
+    assert layer.sparsity == pytest.approx(1 - keep.float().mean().item())
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-4)
+    assert torch.equal(layer.dense_weight(), linear.weight.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_zero_weight_returns_bias(backend):
+    linear = nn.Linear(32, 32)
+    nn.init.zeros_(linear.weight)
+    layer = rpp.BlockSparseLinear.from_dense(linear, block_size=(16, 32), backend=backend)
+    assert layer.nnz_tiles == 0 and layer.sparsity == 1.0
+    y = layer(torch.randn(3, 5, 32))
+    assert torch.equal(y, linear.bias.detach().expand(3, 5, 32))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="does not divide"):
+        rpp.BlockSparseLinear.from_dense(nn.Linear(40, 32), block_size=32)
+    int_layer = nn.Module()
+    int_layer.register_buffer("weight", torch.ones(32, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match="floating point"):
+        rpp.BlockSparseLinear.from_dense(int_layer, 16)
+    layer = rpp.BlockSparseLinear.from_dense(nn.Linear(32, 32), block_size=16)
+    with pytest.raises(ValueError, match=r"expected input \[..., 32\]"):
+        layer(torch.randn(4, 31))
+    with pytest.raises(ValueError, match="floating point"):
+        layer(torch.ones(4, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match="cast the input"):
+        layer(torch.randn(4, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="is on meta"):
+        layer(torch.randn(4, 32, device="meta"))
+    with pytest.raises(ValueError, match="backend"):
+        rpp.BlockSparseLinear.from_dense(nn.Linear(32, 32), 16, backend="cuda")
+    with pytest.raises(ValueError, match="power-of-two"):
+        rpp.BlockSparseLinear.from_dense(nn.Linear(24, 24), 8, backend="triton")(torch.randn(2, 24))
+
+
+def test_sparsify_densify_sequential():
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 10))
+    prune_tiles(model[0].weight, (16, 16), 0.75)
+    prune_tiles(model[2].weight, (16, 16), 0.25)
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        ref = model(x)
+        weights = [m.weight.clone() for m in model if isinstance(m, nn.Linear)]
+        rpp.sparsify(model, block_size=16, min_sparsity=0.5)
+        # layer 0: swapped, GELU fused; layer 2: below min_sparsity; layer 4: 10 rows do not divide by 16
+        assert isinstance(model[0], rpp.BlockSparseLinear) and model[0].gelu
+        assert isinstance(model[1], FusedActivation)
+        assert type(model[2]) is nn.Linear and type(model[4]) is nn.Linear
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)
+        rpp.densify(model)
+        assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear, nn.Tanh, nn.Linear]
+        assert all(torch.equal(m.weight, w) for m, w in zip(model[::2], weights))
+        torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_sparsify_skips_tied_and_tanh_gelu():
+    lin = nn.Linear(32, 32)
+    model = nn.Sequential(lin, nn.GELU(approximate="tanh"), nn.Linear(32, 32))
+    model[2].weight = lin.weight  # tied
+    rpp.sparsify(model, block_size=16)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    single = rpp.sparsify(nn.Sequential(nn.Linear(32, 32), nn.GELU(approximate="tanh")), block_size=16)
+    assert isinstance(single[0], rpp.BlockSparseLinear) and not single[0].gelu
+    assert isinstance(single[1], nn.GELU)
+
+
+def tiny_bert(cls_name="BertModel"):
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    model = getattr(transformers, cls_name)(config).eval()
+    for layer in model.base_model.encoder.layer:
+        for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
+                    layer.attention.output.dense, layer.intermediate.dense, layer.output.dense):  # fmt: skip
+            prune_tiles(lin.weight, (16, 16), 0.5)
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_bert_sparsified_equals_dense(backend):
+    model = tiny_bert()
+    ids = torch.randint(0, 60, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        rpp.sparsify(model, block_size=16, min_sparsity=0.3, backend=backend)
+        sparse_layers = [m for m in model.modules() if isinstance(m, rpp.BlockSparseLinear)]
+        assert len(sparse_layers) == 12  # q, k, v, attention output, intermediate, output x 2 layers
+        assert sum(m.gelu for m in sparse_layers) == 2
+        assert all(isinstance(layer.intermediate.intermediate_act_fn, FusedActivation)
+                   for layer in model.encoder.layer)  # fmt: skip
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+        rpp.densify(model)
+        assert not any(isinstance(m, (rpp.BlockSparseLinear, FusedActivation)) for m in model.modules())
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+
+
+def test_save_load_round_trip(tmp_path):
+    import transformers
+
+    model = tiny_bert("BertForMaskedLM")  # tied decoder / word embeddings
+    ids = torch.randint(0, 60, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    sparse_w = {n: p.clone() for n, p in model.state_dict().items()}
+    rpp.sparsify(model, block_size=16, min_sparsity=0.3)
+    path = save_sparse(model, tmp_path / "sparse")
+
+    dense_dir = tmp_path / "dense"
+    model_dense = rpp.densify(tiny_bert("BertForMaskedLM"))
+    model_dense.load_state_dict(sparse_w)
+    model_dense.save_pretrained(dense_dir)
+    assert path.endswith(".safetensors")
+    # Only the stored tiles are written: the encoder's linear weights take about half the bytes.
+    lin_bytes = sum(t.numel() * 4 for n, t in sparse_w.items() if "encoder" in n and n.endswith("weight"))
+    dense_bytes = (dense_dir / "model.safetensors").stat().st_size
+    assert (tmp_path / "sparse" / "sparse_model.safetensors").stat().st_size < dense_bytes - 0.4 * lin_bytes
+
+    with torch.no_grad():
+        sparse = load_sparse(tmp_path / "sparse")
+        assert isinstance(sparse, transformers.BertForMaskedLM)
+        assert sum(isinstance(m, rpp.BlockSparseLinear) for m in sparse.modules()) == 12
+        assert sparse.cls.predictions.decoder.weight is sparse.bert.embeddings.word_embeddings.weight
+        torch.testing.assert_close(sparse(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
+
+        dense = load_sparse(tmp_path / "sparse", dense=True)
+        assert not any(isinstance(m, rpp.BlockSparseLinear) for m in dense.modules())
+        for n, p in dense.state_dict().items():
+            assert torch.equal(p, sparse_w[n]), n
+        dense.save_pretrained(tmp_path / "plain")
+        plain = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "plain").eval()
+        torch.testing.assert_close(plain(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
+
+        into = load_sparse(tmp_path / "sparse", model=tiny_bert("BertForMaskedLM"))
+        torch.testing.assert_close(into(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(FileNotFoundError):
+        load_sparse(tmp_path)
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "sparse_model.safetensors"))
+    with pytest.raises(ValueError, match="not written by save_sparse"):
+        load_sparse(tmp_path, model=nn.Linear(2, 2))
+
+
+def test_tile_sparsity():
+    w = torch.zeros(32, 64)
+    w[0, 0] = 1.0
+    assert tile_sparsity(w, 16) == 1 - 1 / 8
+    assert tile_sparsity(w, (32, 64)) == 0.0
