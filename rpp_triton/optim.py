@@ -304,8 +304,8 @@ def param_groups(model: nn.Module, **options) -> list[dict]:
     """The default split for a BERT-family model: the encoder's attention and feed-forward
     `nn.Linear` weights are pruned; embeddings, LayerNorm, biases, pooler and heads are not.
 
-    `options` (any RPPAdamW option) apply to both groups. Params are (name, tensor) pairs, so
-    the groups carry `param_names` and errors name the parameter.
+    `options` (any RPPAdamW option) apply to both groups. Each group carries `param_names` beside
+    `params`, so errors and reports name the parameter.
     """
     pruned_ids = set()
     for name, module in model.named_modules():
@@ -319,7 +319,11 @@ def param_groups(model: nn.Module, **options) -> list[dict]:
         raise ValueError(
             f"param_groups: found no encoder attention/feed-forward nn.Linear in {type(model).__name__}"
         )
-    groups = [{"params": pruned, "prune": True, **options}]
+    groups = [
+        {"params": [p for _, p in pruned], "param_names": [n for n, _ in pruned], "prune": True, **options}
+    ]
     if rest:
-        groups.append({"params": rest, "prune": False, **options})
+        groups.append(
+            {"params": [p for _, p in rest], "param_names": [n for n, _ in rest], "prune": False, **options}
+        )
     return groups
