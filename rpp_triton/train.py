@@ -99,6 +99,17 @@ def hard_prune(named: list[tuple[str, torch.Tensor]], target: float, block, scor
     return masks
 
 
+def freeze_with_masks(optimizer, named: list[tuple[str, torch.Tensor]], masks: dict) -> None:
+    """Freeze the optimizer's masks at exactly `masks`. `freeze_masks()` keeps the non-zero tiles;
+    a kept tile that RPP had already zeroed (the sparsity overshot the target) is kept as well, so
+    the recovery steps grow it back and the pruned share stays the target."""
+    optimizer.freeze_masks()
+    for name, p in named:
+        state = optimizer.state.get(p, {})
+        if "mask" in state and state["mask"].shape == p.shape:
+            state["mask"].copy_(masks[name].to(state["mask"].dtype))
+
+
 def pruned_named_params(optimizer) -> list[tuple[str, torch.Tensor]]:
     out = []
     for group in optimizer.param_groups:
@@ -224,8 +235,8 @@ class SparsityController(_trainer_callback_base()):
             self._set_lambda(self.lam)
         elif step == self.prune_at and not self.hard_pruned:
             self.pre_prune_sparsity = self.last_sparsity
-            hard_prune(named, self.target, self.block, self.prune_by)
-            self.optimizer.freeze_masks()
+            masks = hard_prune(named, self.target, self.block, self.prune_by)
+            freeze_with_masks(self.optimizer, named, masks)
             self._set_lambda(0.0)
             self.hard_pruned = True
             self.last_sparsity = sparsity_of(w for _, w in named)

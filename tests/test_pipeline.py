@@ -1,0 +1,209 @@
+"""The pruning pipeline end to end on a tiny random BERT: prune reaches the exact target and saves
+a plain-transformers model, finetune keeps the masks, resume equals an uninterrupted run, and two
+torchrun processes agree on the masks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_bert import write_task_csv, write_text, write_tiny_bert  # noqa: E402
+
+from rpp_triton import metrics as M  # noqa: E402
+from rpp_triton import train as T  # noqa: E402
+from rpp_triton.cli import main  # noqa: E402
+
+# Small enough for ~1-2 s per run on two cores.
+FAST = ["--seq-len", "32", "--batch-size", "8", "--logging-steps", "5"]
+
+
+@pytest.fixture(autouse=True)
+def eager_optimizer(monkeypatch):
+    # torch.compile of the optimizer step costs more than these tiny runs; the maths is the same.
+    monkeypatch.setenv("RPP_TRITON_COMPILE", "0")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "root": root,
+        "model": write_tiny_bert(root / "model"),
+        "text": write_text(root / "text.txt", 240),
+        "task": write_task_csv(root / "task.csv", 80),
+    }
+
+
+def prune(files, out, *extra, steps=30, target=0.5):
+    argv = ["prune", "--model", files["model"], "--dataset", files["text"], "--output-dir", str(out)]
+    argv += ["--max-steps", str(steps), "--target-sparsity", str(target), *FAST, *extra]
+    assert main(argv) == 0
+    with open(Path(out) / "rpp_report.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def pruned(files):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RPP_TRITON_COMPILE", "0")
+    out = files["root"] / "pruned"
+    report = prune(files, out, "--block-size", "8x8", target=0.6)
+    mp.undo()
+    return out, report
+
+
+def encoder_weights(model):
+    return {
+        n: p.detach()
+        for n, p in model.named_parameters()
+        if ".layer." in n and n.endswith(".weight") and p.dim() == 2
+    }
+
+
+@pytest.mark.parametrize("block", ["1", "8x8"], ids=lambda b: f"block={b}")
+def test_prune_reaches_exact_target_and_loads_in_plain_transformers(files, tmp_path, block):
+    from transformers import AutoModel
+
+    out = tmp_path / "out"
+    report = prune(files, out, "--block-size", block, target=0.5)
+    model = AutoModel.from_pretrained(out)  # a plain BertModel, no rpp_triton needed
+    weights = encoder_weights(model)
+    assert len(weights) == 12  # 2 layers x (q, k, v, attn out, intermediate, output)
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    bh, bw = (1, 1) if block == "1" else (8, 8)
+    assert zeros == round(0.5 * total / (bh * bw)) * bh * bw
+    assert report["sparsity"] == pytest.approx(zeros / total, abs=0)
+    assert report["target_sparsity"] == 0.5
+    assert report["block_size"] == [bh, bw]
+    assert {r["name"].removeprefix("bert.") for r in report["layers"]} == set(weights)
+    # Every tile is all zero or kept; the masks file says which.
+    masks = load_file(out / "rpp_masks.safetensors")
+    for name, w in weights.items():
+        mask = masks["bert." + name].bool()
+        assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
+        assert torch.equal(T.tile_mask(w, (bh, bw)), mask)
+    # Dense and pruned masked-LM quality on held-out text, and the log with lambda and sparsity.
+    for key in ("dense", "pruned"):
+        assert 0.0 <= report[key]["mlm_accuracy"] <= 1.0 and np.isfinite(report[key]["mlm_loss"])
+    log = json.loads((out / "training_log.json").read_text())
+    steps = [e for e in log if "rpp_lambda" in e]
+    assert steps and max(e["rpp_lambda"] for e in steps) > 0
+    assert any(k.startswith("sparsity/bert.encoder.layer.0") for k in steps[-1])
+    assert not (tmp_path / "out.partial").exists()
+
+
+def test_controller_steers_sparsity_near_target_before_hard_prune(files, tmp_path):
+    report = prune(files, tmp_path / "out", steps=40, target=0.7)
+    # lambda alone (before the hard prune) brought the weights close to the target
+    assert abs(report["sparsity_before_hard_prune"] - 0.7) < 0.1
+    # tiles the controller overshot are kept by the hard prune and grow back during recovery
+    assert report["sparsity"] == pytest.approx(0.7, abs=1e-4)
+
+
+def test_finetune_keeps_masks(files, pruned, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    src, _ = pruned
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model", str(src), "--train-file", files["task"], "--text-column", "sentence"]
+    argv += ["--output-dir", str(out), "--max-steps", "12", "--max-length", "32", "--batch-size", "8"]
+    assert main(argv) == 0
+    report = json.loads((out / "finetune_report.json").read_text())
+    # 256 tiles of 8x8: the target rounds to 154 of them
+    assert report["sparsity_before"] == report["sparsity_after"] == 154 / 256
+    assert set(report["metrics"]) >= {"accuracy", "macro_f1"}
+    before = load_file(src / "model.safetensors")
+    after = AutoModelForSequenceClassification.from_pretrained(out)
+    changed = 0
+    for name, w in encoder_weights(after).items():
+        old = before["bert." + name.removeprefix("bert.")]
+        assert torch.equal(w == 0, old == 0), name
+        changed += int(not torch.equal(w, old))
+    assert changed > 0  # training did move the kept weights
+
+
+def test_resume_equals_uninterrupted(files, tmp_path):
+    full = tmp_path / "full"
+    prune(files, full, "--save-steps", "12", "--keep-checkpoints", steps=30)
+    ckpt = full / "checkpoint-12"
+    assert (ckpt / "rpp_controller.json").is_file() and (ckpt / "optimizer.pt").is_file()
+    resumed = tmp_path / "resumed"
+    prune(files, resumed, "--resume-from-checkpoint", str(ckpt), steps=30)
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    ra = json.loads((full / "rpp_report.json").read_text())
+    rb = json.loads((resumed / "rpp_report.json").read_text())
+    assert ra["mask_digest"] == rb["mask_digest"]
+    assert ra["dense"] == rb["dense"]  # controller state (its evaluations) came back too
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_agree_on_masks(files, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    cmd += ["-m", "rpp_triton.cli", "prune", "--model", files["model"], "--dataset", files["text"]]
+    cmd += ["--output-dir", str(out), "--max-steps", "16", "--target-sparsity", "0.5", *FAST]
+    env = {**os.environ, "RPP_TRITON_COMPILE": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "rpp_report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["masks_identical_on_all_ranks"] is True
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_report_command_prints_table_and_png(pruned, tmp_path, capsys):
+    src, report = pruned
+    png = tmp_path / "tiles.png"
+    assert main(["report", str(src), "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "bert.encoder.layer.1.output.dense.weight" in text and "60.16%" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [(1, 1), (2, 4)], ids=lambda b: f"block={b[0]}x{b[1]}")
+@pytest.mark.parametrize("target", [0.0, 0.3, 0.75])
+def test_hard_prune_is_exact_and_global(block, target):
+    ws = [("a", torch.randn(8, 16)), ("b", torch.randn(4, 8) * 10)]  # b's tiles score higher
+    masks = T.hard_prune(ws, target, block)
+    tiles = sum(w.numel() for _, w in ws) // (block[0] * block[1])
+    pruned_tiles = sum(int((~T.tile_view(m, block).all(-1)).sum()) for m in masks.values())
+    assert pruned_tiles == round(target * tiles)
+    for (_, w), m in zip(ws, masks.values()):
+        assert torch.equal(w[~m], torch.zeros_like(w[~m]))
+    if target == 0.3:
+        assert masks["b"].all()  # global, not per layer: the large weights all survive
+
+
+def test_controller_schedule_is_a_ramp_to_target():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
+    c = T.SparsityController(opt, 0.8, 1, dense_steps=10, rpp_steps=100, recovery_steps=5)
+    assert c.scheduled(10) == 0.0
+    values = [c.scheduled(s) for s in range(10, 111)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+    assert c.scheduled(80) == pytest.approx(0.8) and c.scheduled(110) == pytest.approx(0.8)
+
+
+def test_metrics_against_hand_computed_values():
+    assert M.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    # tp=2 fp=1 fn=1 -> F1 = 4 / 6
+    assert M.f1([1, 1, 1, 0], [1, 1, 0, 1]) == pytest.approx(2 / 3)
+    # confusion tp=2 tn=1 fp=1 fn=0: (2*1 - 1*0) / sqrt(3*2*1*2)
+    assert M.matthews([1, 1, 1, 0], [1, 1, 0, 0]) == pytest.approx(2 / np.sqrt(12))
+    assert M.matthews([1, 1, 1], [0, 1, 0]) == 0.0
+    assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert M.spearman([1, 2, 3, 4], [10, 20, 30, 1]) == pytest.approx(-0.2)
+    assert M.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2)  # ties share ranks
