@@ -51,7 +51,7 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["rpp_triton", "rpp_triton.commands", "rpp_triton.kernels"],
+    packages=["rpp_triton", "rpp_triton.commands", "rpp_triton.serve", "rpp_triton.kernels"],
     package_dir={"rpp_triton": "rpp_triton", "rpp_triton.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require=extras,
