@@ -1,11 +1,30 @@
 """Fused RPP optimizer step: AdamW update + reweighted proximal thresholding + mask, one pass.
 
 Part 1 (`*_ref`) is the readable statement of the maths in DESIGN.md. It is the PyTorch fallback
-(compiled into one loop per tensor with torch.compile on the CPU) and the oracle the Triton kernel
-is tested against, so the two cannot drift apart.
+(compiled with torch.compile on the CPU) and the oracle the Triton kernel is tested against, so
+the two cannot drift apart.
+
+Part 2 (`_adam_prox_kernel`) reads p, g, m, v (and alpha, or the frozen mask) once and writes p,
+m, v (and alpha on reweight steps) once. Variants are constexpr flags (MODE, REWEIGHT).
+
+Multi-tensor scheme: pointer tables. A BERT has ~200 parameter tensors; one launch per tensor
+would cost ~200 launches a step. Instead each launch takes int64 tables of the tensors' addresses
+and a per-program work table (tensor index, first element or first tile), built once per set of
+parameters and cached (`AdamProxPlan`). Tensors are left where they are: a flat buffer would be
+one pointer, but would force every parameter to be a view into it. Limits: all tensors of a launch
+share hyperparameters and step count (the optimizer groups them so), and the tables must be
+rebuilt when a parameter is reallocated (the plan is keyed on data pointers).
+
+Tiles: in tiled mode a program owns NT whole tiles of one tile-row (a [BH, NT, BW] block), so the
+tile norms, the scaling and the reweighting happen in the same pass as the Adam update.
 """
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+from rpp_triton.kernels._compat import tl, triton
 
 Block = tuple[int, int]
 
@@ -187,3 +206,286 @@ def rpp_step_ref(
             p, alpha, tau=lr * rpp_lambda, block=block, reweight_eps=reweight_eps, reweight=reweight
         )
     return skipped
+
+
+# ---- part 2: the Triton kernel ------------------------------------------------------------------
+
+MODE_ADAMW, MODE_FROZEN, MODE_SOFT, MODE_TILES = 0, 1, 2, 3
+
+
+@triton.jit
+def _adam_prox_kernel(
+    p_tab_ptr,
+    g_tab_ptr,
+    m_tab_ptr,
+    v_tab_ptr,
+    aux_tab_ptr,  # alpha (MODE_SOFT, MODE_TILES) or the uint8 mask (MODE_FROZEN)
+    bad_tab_ptr,  # per tensor: an int64 counter of skipped non-finite gradient elements
+    numel_ptr,
+    cols_ptr,
+    work_tensor_ptr,
+    work_start_ptr,
+    nnz_ptr,  # per program: non-zeros written (pruned modes)
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    bias1,
+    bias2,
+    tau,
+    reweight_eps,
+    G_DTYPE: tl.constexpr,
+    MODE: tl.constexpr,
+    REWEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    NT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(work_tensor_ptr + pid)
+    start = tl.load(work_start_ptr + pid)
+    numel = tl.load(numel_ptr + t)
+    p_ptr = tl.load(p_tab_ptr + t).to(tl.pointer_type(tl.float32))
+    g_ptr = tl.load(g_tab_ptr + t).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(m_tab_ptr + t).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(v_tab_ptr + t).to(tl.pointer_type(tl.float32))
+
+    if MODE == 3:
+        # start is a tile index (row-major over [rows / TILE_H, cols / TILE_W]); NT tiles of a tile-row.
+        cols = tl.load(cols_ptr + t)
+        n_tile_cols = cols // TILE_W
+        tile_row = start // n_tile_cols
+        tile_col = start % n_tile_cols + tl.arange(0, NT)
+        r = tl.arange(0, BH)
+        c = tl.arange(0, BW)
+        offs = (
+            (tile_row * TILE_H + r)[:, None, None] * cols
+            + (tile_col * TILE_W)[None, :, None]
+            + c[None, None, :]
+        )
+        inb = (
+            (r < TILE_H)[:, None, None]
+            & (tile_col < n_tile_cols)[None, :, None]
+            & (c < TILE_W)[None, None, :]
+        )
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        inb = offs < numel
+
+    p = tl.load(p_ptr + offs, mask=inb, other=0.0)
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=inb, other=0.0)
+    v = tl.load(v_ptr + offs, mask=inb, other=0.0)
+
+    m_new = beta1 * m + (1 - beta1) * g
+    v_new = beta2 * v + (1 - beta2) * g * g
+    z = p - lr * ((m_new / bias1) / (tl.sqrt(v_new / bias2) + eps) + weight_decay * p)
+    # NaN or Inf in g: keep the element as it was (z = p, moments unchanged) and count it.
+    ok = (g == g) & (tl.abs(g) != float("inf"))
+    z = tl.where(ok, z, p)
+    m_new = tl.where(ok, m_new, m)
+    v_new = tl.where(ok, v_new, v)
+    n_bad = tl.sum((inb & ~ok).to(tl.int64))
+    if n_bad > 0:
+        bad_ptr = tl.load(bad_tab_ptr + t).to(tl.pointer_type(tl.int64))
+        tl.atomic_add(bad_ptr, n_bad)
+
+    if MODE == 1:
+        keep = tl.load(tl.load(aux_tab_ptr + t).to(tl.pointer_type(tl.uint8)) + offs, mask=inb, other=0)
+        z = tl.where(keep != 0, z, 0.0)
+    if MODE == 2:
+        alpha_ptr = tl.load(aux_tab_ptr + t).to(tl.pointer_type(tl.float32))
+        alpha = tl.load(alpha_ptr + offs, mask=inb, other=1.0)
+        shrunk = tl.maximum(tl.abs(z) - tau * alpha, 0.0)
+        prox = tl.where(z < 0, -shrunk, shrunk)
+        if REWEIGHT:
+            tl.store(alpha_ptr + offs, tl.where(ok, 1.0 / (shrunk + reweight_eps), alpha), mask=inb)
+        z = tl.where(ok, prox, p)
+    if MODE == 3:
+        alpha_ptr = tl.load(aux_tab_ptr + t).to(tl.pointer_type(tl.float32))
+        tile_ok = tile_col < n_tile_cols
+        alpha = tl.load(alpha_ptr + tile_row * n_tile_cols + tile_col, mask=tile_ok, other=1.0)
+        sumsq = tl.sum(tl.sum(z * z, axis=2), axis=0)
+        rms = tl.sqrt(sumsq / (TILE_H * TILE_W))
+        scale = tl.where(rms > 0, tl.maximum(1 - tau * alpha / tl.where(rms > 0, rms, 1.0), 0.0), 0.0)
+        z = z * scale[None, :, None]
+        if REWEIGHT:
+            # rms(p_B) = scale_B * rms(z_B): no second pass over the tile.
+            tl.store(
+                alpha_ptr + tile_row * n_tile_cols + tile_col,
+                1.0 / (scale * rms + reweight_eps),
+                mask=tile_ok,
+            )
+
+    tl.store(p_ptr + offs, z, mask=inb)
+    tl.store(m_ptr + offs, m_new, mask=inb)
+    tl.store(v_ptr + offs, v_new, mask=inb)
+    if MODE != 0:
+        tl.store(nnz_ptr + pid, tl.sum((inb & (z != 0)).to(tl.int32)))
+
+
+# ---- part 3: the launcher -----------------------------------------------------------------------
+
+_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+ELEMENTS_PER_PROGRAM = 4096
+
+
+@dataclass
+class AdamProxPlan:
+    """Address and work tables for one set of tensors; valid while their data pointers are."""
+
+    key: tuple
+    mode: int
+    block: Block
+    tables: dict
+    n_programs: int
+    nnz: torch.Tensor  # per program, written by each launch (pruned modes)
+    meta: dict
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def make_plan(
+    params, grads, exp_avgs, exp_avg_sqs, auxes, counters, *, mode: int, block: Block
+) -> AdamProxPlan:
+    """Build the pointer and work tables for `adam_prox` (host work, done once per tensor set)."""
+    device = params[0].device
+    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block)
+    work_tensor, work_start = [], []
+    if mode == MODE_TILES:
+        bh, bw = block
+        BH, BW = _pow2(bh), _pow2(bw)
+        # NT whole tiles of one tile-row per program: ~ELEMENTS_PER_PROGRAM elements, no wider than a row.
+        widest = max(p.shape[1] // bw for p in params)
+        NT = min(max(1, ELEMENTS_PER_PROGRAM // (BH * BW)), _pow2(widest))
+        meta = dict(BLOCK=1, TILE_H=bh, TILE_W=bw, BH=BH, BW=BW, NT=NT)
+        for i, p in enumerate(params):
+            rows, cols = p.shape[0] // bh, p.shape[1] // bw
+            for r in range(rows):
+                for c in range(0, cols, NT):
+                    work_tensor.append(i)
+                    work_start.append(r * cols + c)
+    else:
+        meta = dict(BLOCK=ELEMENTS_PER_PROGRAM, TILE_H=1, TILE_W=1, BH=1, BW=1, NT=1)
+        for i, p in enumerate(params):
+            for s in range(0, p.numel(), ELEMENTS_PER_PROGRAM):
+                work_tensor.append(i)
+                work_start.append(s)
+
+    def table(ts):
+        return torch.tensor(
+            [t.data_ptr() if t is not None else 0 for t in ts], dtype=torch.int64, device=device
+        )
+
+    tables = dict(
+        p=table(params),
+        g=table(grads),
+        m=table(exp_avgs),
+        v=table(exp_avg_sqs),
+        aux=table(auxes),
+        bad=table(counters),
+        numel=torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device),
+        cols=torch.tensor([p.shape[-1] if p.dim() else 1 for p in params], dtype=torch.int64, device=device),
+        work_tensor=torch.tensor(work_tensor, dtype=torch.int32, device=device),
+        work_start=torch.tensor(work_start, dtype=torch.int64, device=device),
+    )
+    nnz = torch.zeros(len(work_tensor), dtype=torch.int32, device=device)
+    return AdamProxPlan(key, mode, block, tables, len(work_tensor), nnz, meta)
+
+
+def _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block):
+    ptrs = tuple(
+        t.data_ptr() if t is not None else 0
+        for ts in (params, grads, exp_avgs, exp_avg_sqs, auxes, counters)
+        for t in ts
+    )
+    return (mode, block, tuple(g.dtype for g in grads), ptrs)
+
+
+def adam_prox(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    auxes,
+    counters,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias1: float,
+    bias2: float,
+    rpp_lambda: float = 0.0,
+    reweight_eps: float = 1e-3,
+    mode: int = MODE_ADAMW,
+    block: Block = (1, 1),
+    reweight: bool = False,
+    plan: AdamProxPlan | None = None,
+) -> AdamProxPlan:
+    """One fused RPP step over many tensors in one launch (per gradient dtype), in place.
+
+    z = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), then by `mode`:
+    MODE_ADAMW p = z; MODE_FROZEN p = z * mask (`auxes` are uint8/bool masks); MODE_SOFT p =
+    soft_threshold(z, lr * rpp_lambda * alpha) elementwise; MODE_TILES p_B = z_B * max(0, 1 - tau_B
+    / rms(z_B)) per tile of `block`. On `reweight`, alpha = 1 / (rms(p_B) + reweight_eps).
+    Elements with a non-finite gradient are skipped and counted in `counters` (int64, per tensor).
+    Returns the plan (reuse it while the tensors stay where they are); `plan.nnz` holds the
+    non-zeros written by each program.
+    """
+    if not params:
+        raise ValueError("adam_prox needs at least one tensor")
+    n = len(params)
+    for name, ts in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
+        if len(ts) != n:
+            raise ValueError(f"adam_prox: {n} params but {len(ts)} {name}")
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if p.dtype != torch.float32 or m.dtype != torch.float32 or v.dtype != torch.float32:
+            raise ValueError("adam_prox: params and moments must be float32")
+        if g.dtype not in _TL_DTYPES:
+            raise ValueError(f"adam_prox: gradient dtype {g.dtype} is not float32, bfloat16 or float16")
+        if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+            raise ValueError("adam_prox: tensors must be contiguous")
+        if g.shape != p.shape or m.shape != p.shape or v.shape != p.shape:
+            raise ValueError(f"adam_prox: shape mismatch for a parameter of shape {tuple(p.shape)}")
+    if len({g.dtype for g in grads}) != 1:
+        raise ValueError("adam_prox: one launch takes one gradient dtype")
+    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block)
+    if plan is None or plan.key != key:
+        plan = make_plan(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode=mode, block=block)
+    tb = plan.tables
+    _adam_prox_kernel[(plan.n_programs,)](
+        tb["p"],
+        tb["g"],
+        tb["m"],
+        tb["v"],
+        tb["aux"],
+        tb["bad"],
+        tb["numel"],
+        tb["cols"],
+        tb["work_tensor"],
+        tb["work_start"],
+        plan.nnz,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        bias1,
+        bias2,
+        lr * rpp_lambda,
+        reweight_eps,
+        G_DTYPE=getattr(tl, _TL_DTYPES[grads[0].dtype]),
+        MODE=mode,
+        REWEIGHT=bool(reweight),
+        num_warps=8 if params[0].is_cuda else 1,
+        **plan.meta,
+    )
+    return plan

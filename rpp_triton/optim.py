@@ -109,6 +109,8 @@ class RPPAdamW(torch.optim.Optimizer):
             prune=True,
             frozen=False,
         )
+        self._plans: dict = {}  # Triton pointer tables per group, reused while tensors stay put
+        self._nnz: dict = {}  # non-zeros the kernel wrote at the last step, per group
         super().__init__(params, defaults)
 
     # ---- validation -------------------------------------------------------------------------
@@ -254,9 +256,67 @@ class RPPAdamW(torch.optim.Optimizer):
             state["nonfinite"] += skipped
 
     def _step_triton(self, group: dict, params: list, states: list) -> None:
-        from rpp_triton.kernels.adam_prox import adam_prox  # noqa: F401  (arrives with the kernel)
+        """Fused kernel: one launch per (step count, gradient dtype) subset of the group, normally one."""
+        from rpp_triton.kernels import adam_prox as k
 
-        raise NotImplementedError("backend='triton' is not available yet: use backend='torch'")
+        beta1, beta2 = group["betas"]
+        block = group["block_size"]
+        if not group["prune"]:
+            mode = k.MODE_ADAMW
+        elif group["frozen"]:
+            mode = k.MODE_FROZEN
+        else:
+            mode = k.MODE_SOFT if block == (1, 1) else k.MODE_TILES
+        subsets: dict = {}
+        fallback = []
+        for p, state in zip(params, states):
+            if p.dtype != torch.float32 or not p.is_contiguous() or not p.grad.is_contiguous():
+                fallback.append((p, state))  # the kernel takes contiguous fp32 weights
+                continue
+            subsets.setdefault((state["step"], p.grad.dtype), []).append((p, state))
+        if fallback:
+            self._step_torch(group, [p for p, _ in fallback], [s for _, s in fallback])
+        plans = self._plans.setdefault(id(group), {})
+        counted = []
+        for (step, gdtype), members in subsets.items():
+            ps = [p for p, _ in members]
+            sts = [s for _, s in members]
+            if mode == k.MODE_FROZEN:
+                auxes = [s["mask"].view(torch.uint8) for s in sts]
+            elif mode in (k.MODE_SOFT, k.MODE_TILES):
+                auxes = [s["alpha"] for s in sts]
+            else:
+                auxes = [None] * len(ps)
+            bias1, bias2 = bias_corrections(beta1, beta2, step)
+            plan = k.adam_prox(
+                [p.data for p in ps],
+                [p.grad for p in ps],
+                [s["exp_avg"] for s in sts],
+                [s["exp_avg_sq"] for s in sts],
+                auxes,
+                [s["nonfinite"] for s in sts],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                bias1=bias1,
+                bias2=bias2,
+                rpp_lambda=group["rpp_lambda"],
+                reweight_eps=group["reweight_eps"],
+                mode=mode,
+                block=block,
+                reweight=self._flags(group, sts[0])["reweight"],
+                plan=plans.get(gdtype),
+            )
+            plans[gdtype] = plan
+            counted.append((plan.nnz, ps))
+        if group["prune"] and not fallback and len(params) == len(group["params"]):
+            # The kernel counted the non-zeros it wrote: sparsity() needs no pass while the weights
+            # are unchanged since (checked by their version counters).
+            self._nnz[id(group)] = (counted, [(p, p._version) for p in params])
+        else:
+            self._nnz.pop(id(group), None)
 
     # ---- masks and sparsity -------------------------------------------------------------------
     def _pruned(self):
@@ -264,6 +324,11 @@ class RPPAdamW(torch.optim.Optimizer):
             if group["prune"]:
                 for p in group["params"]:
                     yield group, p
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._plans.clear()
+        self._nnz.clear()
+        super().load_state_dict(state_dict)
 
     def masks(self) -> dict:
         """Bool mask of p's shape for each pruned parameter (tile-level: a tile is kept if any
@@ -275,15 +340,28 @@ class RPPAdamW(torch.optim.Optimizer):
         return out
 
     def sparsity(self) -> float:
-        """Fraction of zero elements over all pruned parameters."""
+        """Fraction of zero elements over all pruned parameters.
+
+        After a Triton step it adds up the kernel's own non-zero counts, unless a weight changed
+        since (in-place writes bump a tensor's version; writes through `.data` do not, so use
+        `torch.no_grad()` and in-place ops to edit pruned weights)."""
         zeros = total = 0
-        for _, p in self._pruned():
-            zeros += int((p.detach() == 0).sum())
-            total += p.numel()
+        for group in self.param_groups:
+            if not group["prune"]:
+                continue
+            numel = sum(p.numel() for p in group["params"])
+            cached = self._nnz.get(id(group))
+            if cached and all(p._version == version for p, version in cached[1]):
+                kept = sum(int(nnz.sum()) for nnz, _ in cached[0])
+                zeros += numel - kept
+            else:
+                zeros += sum(int((p.detach() == 0).sum()) for p in group["params"])
+            total += numel
         return zeros / total if total else 0.0
 
     def freeze_masks(self) -> None:
         """Fix each pruned parameter's mask at its current non-zeros; later steps keep it."""
+        self._plans.clear()
         for group in self.param_groups:
             if group["prune"]:
                 group["frozen"] = True
