@@ -484,9 +484,14 @@ def test_shutdown_drains_in_flight_requests(models, reference):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             srv.server.should_exit = True  # what SIGTERM does
-            time.sleep(0.3)
-            with pytest.raises(httpx.ConnectError):  # no new connections while draining
-                httpx.post(srv.url + "/v1/embed", json={"inputs": "a"})
+            host, port = srv.url.rsplit("/", 1)[1].split(":")
+            while True:  # the listening socket closes: no new connections while draining
+                assert time.monotonic() < deadline, "the server kept accepting connections"
+                try:
+                    socket.create_connection((host, int(port)), timeout=1).close()
+                except ConnectionRefusedError:
+                    break
+                time.sleep(0.05)
             release.set()
             srv.thread.join(30)
             assert not srv.thread.is_alive()
@@ -510,7 +515,7 @@ def test_cli_serves_and_drains_on_sigterm(models):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    # A long batch wait keeps the request in flight when SIGTERM arrives; draining runs it at once.
+    # A long batch window keeps the request in flight when SIGTERM arrives; draining runs it at once.
     cmd = [
         sys.executable,
         "-m",
@@ -520,7 +525,7 @@ def test_cli_serves_and_drains_on_sigterm(models):
         "--port",
         str(port),
         "--max-wait-ms",
-        "3000",
+        "8000",
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -548,7 +553,7 @@ def test_cli_serves_and_drains_on_sigterm(models):
         # uvicorn drains, then re-raises the signal so the exit status still says SIGTERM.
         assert proc.wait(30) in (0, -signal.SIGTERM)
         assert result["r"].status_code == 200
-        assert time.monotonic() - started < 2.5, "draining should not wait out the batch window"
+        assert time.monotonic() - started < 6, "draining should not wait out the 8 s batch window"
         assert len(result["r"].json()["embeddings"][0]) == 32
     finally:
         if proc.poll() is None:
