@@ -55,6 +55,7 @@ def load_raw(name: str, split: str | None = None):
     """A `datasets.DatasetDict` from a local text/JSON/CSV file (or directory of them) or a hub name."""
     import datasets
 
+    datasets.disable_progress_bars()  # an error must stay one line on stderr
     if os.path.exists(name):
         files = name
         if os.path.isdir(name):

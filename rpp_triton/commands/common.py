@@ -45,6 +45,9 @@ def resolve_model(name: str | None) -> tuple[str, bool]:
 
 def load_pretrained(loader, name: str, **kwargs):
     """`loader.from_pretrained` with one-line errors (hub names that cannot be reached included)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # the loading bar would split a one-line error
     try:
         return loader.from_pretrained(name, **kwargs)
     except Exception as exc:

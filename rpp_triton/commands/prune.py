@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--text-column", help="column holding the text (JSON/CSV/hub datasets; default 'text')")
     p.add_argument("--target-sparsity", type=float, default=0.7, help="fraction of pruned weights, in [0, 1)")
-    p.add_argument("--block-size", type=block_size_arg, default=(1, 1), help="tile: N or BHxBW (default 1)")
+    p.add_argument("--block-size", default="1", help="tile: N or BHxBW (default 1)")
     p.add_argument("--max-steps", type=int, help="total optimizer steps (dense + RPP + recovery)")
     p.add_argument("--dense-steps", type=int, help="steps with lambda = 0 first (default 10%% of max)")
     p.add_argument("--recovery-steps", type=int, help="frozen-mask steps after the hard prune (default 15%%)")
@@ -50,6 +50,7 @@ def register(subparsers) -> None:
 
 
 def validate(args) -> None:
+    args.block_size = block_size_arg(args.block_size)
     if not 0.0 <= args.target_sparsity < 1.0:
         raise UsageError(f"--target-sparsity must be in [0, 1), got {args.target_sparsity}")
     for name in ("max_steps", "seq_len", "batch_size", "eval_blocks"):

@@ -1,0 +1,184 @@
+"""`prune`, `finetune` and `report` on bad input: one line on stderr, exit code 2, and nothing a
+previous run wrote is lost."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_bert import write_task_csv, write_task_jsonl, write_text, write_tiny_bert  # noqa: E402
+
+from rpp_triton.cli import main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def eager_optimizer(monkeypatch):
+    monkeypatch.setenv("RPP_TRITON_COMPILE", "0")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {
+        "root": root,
+        "model": write_tiny_bert(root / "model"),
+        "text": write_text(root / "text.txt", 120),
+        "task": write_task_csv(root / "task.csv", 40),
+        "jsonl": write_task_jsonl(root / "task.jsonl", 40),
+    }
+
+
+def fails(argv, capsys, *needles):
+    """Run the CLI, expect exit 2 and a single error line containing every needle."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"rpp-triton {argv[0]}: error:"), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def prune_argv(files, out, *extra):
+    return ["prune", "--model", files["model"], "--dataset", files["text"], "--output-dir", str(out), *extra]
+
+
+FAST = ["--max-steps", "8", "--seq-len", "32", "--batch-size", "8"]
+
+
+@pytest.mark.parametrize("command", ["prune", "finetune", "report"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: rpp-triton " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", ["1.0", "-0.1", "1.5"])
+def test_target_sparsity_outside_unit_interval(files, tmp_path, capsys, target):
+    fails(prune_argv(files, tmp_path / "o", "--target-sparsity", target), capsys, "--target-sparsity")
+
+
+def test_missing_model_path(files, tmp_path, capsys):
+    argv = [
+        "prune",
+        "--model",
+        str(tmp_path / "nope"),
+        "--dataset",
+        files["text"],
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
+    fails(argv, capsys, "does not exist")
+
+
+def test_missing_dataset_path(files, tmp_path, capsys):
+    argv = ["prune", "--model", files["model"], "--dataset", str(tmp_path / "missing.txt")]
+    fails([*argv, "--output-dir", str(tmp_path / "o")], capsys, "does not exist")
+
+
+def test_hub_names_while_offline(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = str(tmp_path / "o")
+    fails(["prune", "--model", "bert-base-uncased", "--output-dir", out], capsys, "offline")
+    fails(
+        ["prune", "--model", files["model"], "--dataset", "wikitext", "--output-dir", out], capsys, "offline"
+    )
+    fails(["finetune", "--model", files["model"], "--task", "sst2", "--output-dir", out], capsys, "offline")
+
+
+def test_missing_text_and_label_columns(files, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    fails(prune_argv(files, out, "--dataset", files["task"], "--text-column", "body"), capsys, "'body'")
+    base = ["finetune", "--model", files["model"], "--train-file", files["task"], "--output-dir", out]
+    fails([*base, "--text-column", "body"], capsys, "'body'")
+    fails([*base, "--text-column", "sentence", "--label-column", "gold"], capsys, "'gold'")
+    assert not os.path.exists(out)
+
+
+def test_bad_block_size_and_untileable_shapes(files, tmp_path, capsys):
+    fails(prune_argv(files, tmp_path / "o", "--block-size", "0"), capsys, "--block-size")
+    fails(prune_argv(files, tmp_path / "o", "--block-size", "3x5"), capsys, "block_size")
+
+
+def test_unknown_task(files, tmp_path, capsys):
+    fails(
+        ["finetune", "--model", files["model"], "--task", "nope", "--output-dir", str(tmp_path / "o")],
+        capsys,
+        "nope",
+    )
+
+
+def test_output_dir_holding_another_run_is_refused_and_kept(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    fails(prune_argv(files, out, *FAST), capsys, "--overwrite")
+    fails(
+        ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir", str(out)],
+        capsys,
+    )
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert sorted(os.listdir(out)) == ["precious.txt"]
+    # With --overwrite the new run replaces the old one only once it is complete.
+    assert main(prune_argv(files, out, *FAST, "--overwrite")) == 0
+    assert (out / "rpp_report.json").is_file() and not (out / "precious.txt").exists()
+
+
+def test_interrupted_run_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    partial = tmp_path / "out.partial"
+    partial.mkdir()
+    (partial / "checkpoint-4").mkdir()
+    fails(prune_argv(files, out, *FAST), capsys, "--resume-from-checkpoint")
+    assert (partial / "checkpoint-4").is_dir()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(files):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RPP_TRITON_COMPILE", "0")
+    out = files["root"] / "ckpt-run"
+    assert main(prune_argv(files, out, *FAST, "--save-steps", "4", "--keep-checkpoints")) == 0
+    mp.undo()
+    return out / "checkpoint-4"
+
+
+@pytest.mark.parametrize("damage", ["truncated optimizer", "missing optimizer", "bad trainer state"])
+def test_corrupt_or_partial_checkpoint(files, checkpoint, tmp_path, capsys, damage):
+    import shutil
+
+    ckpt = tmp_path / "checkpoint-4"
+    shutil.copytree(checkpoint, ckpt)
+    if damage == "truncated optimizer":
+        data = (ckpt / "optimizer.pt").read_bytes()
+        (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "missing optimizer":
+        (ckpt / "optimizer.pt").unlink()
+    else:
+        (ckpt / "trainer_state.json").write_text("{not json")
+    argv = prune_argv(files, tmp_path / "o", *FAST, "--resume-from-checkpoint", str(ckpt))
+    fails(argv, capsys, "checkpoint")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_different_settings(files, checkpoint, tmp_path, capsys):
+    argv = prune_argv(files, tmp_path / "o", *FAST, "--target-sparsity", "0.3", "--resume-from-checkpoint")
+    fails([*argv, str(checkpoint)], capsys, "different settings")
+
+
+def test_report_on_missing_or_empty_dir(tmp_path, capsys):
+    fails(["report", str(tmp_path / "none")], capsys, "does not exist")
+    fails(["report", str(tmp_path)], capsys, "safetensors")
+
+
+def test_finetune_local_jsonl_with_string_labels(files, tmp_path):
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir", str(out)]
+    assert main([*argv, "--max-steps", "4", "--max-length", "32"]) == 0
+    import json
+
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["labels"] == ["no", "yes"]
+    assert report["sparsity_before"] == report["sparsity_after"] == 0.0
