@@ -33,9 +33,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from rpp_triton.kernels._compat import HAS_TRITON, tl, triton
 
 from rpp_triton.backend import interpreting
+from rpp_triton.kernels._compat import HAS_TRITON, tl, triton
 
 # Fraction of stored tiles above which the CPU fallback multiplies densely (measured crossover).
 DENSE_FALLBACK_DENSITY = 0.6
@@ -138,59 +138,66 @@ def _bsmm_kernel(
     BH: tl.constexpr,
     BW: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GELU: tl.constexpr,
     DOT_FP32: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    # Block-row fastest: neighbouring programs share the same rows of x (reuse in L2).
+    # Block-row groups fastest: neighbouring programs share the same rows of x (reuse in L2).
     pid = tl.program_id(0)
-    pid_n = pid % n_block_rows
-    pid_m = pid // n_block_rows
+    n_groups = tl.cdiv(n_block_rows, ROWS)
+    pid_g = pid % n_groups
+    pid_m = pid // n_groups
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_h = tl.arange(0, BH)
     offs_w = tl.arange(0, BW)
     mask_m = offs_m < M
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_w[None, :] * stride_xk
-    # The tile is read transposed, [bw, bh], so the product is x[BLOCK_M, bw] @ W_tile^T.
-    w_tile = values_ptr + offs_w[:, None] * stride_vw + offs_h[None, :] * stride_vh
+    # Tiles are read transposed, [bw, bh], so the product is x[BLOCK_M, bw] @ W_tile^T.
+    w_offs = offs_w[:, None] * stride_vw + offs_h[None, :] * stride_vh
 
-    start = tl.load(row_ptr_ptr + pid_n)
-    end = tl.load(row_ptr_ptr + pid_n + 1)
-    col_ptr = col_idx_ptr + start
-    w_tile += start.to(tl.int64) * stride_vt
-    acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
-    for _ in range(start, end):
-        col = tl.load(col_ptr).to(tl.int64)
-        a = tl.load(x_rows + col * BW * stride_xk, mask=mask_m[:, None], other=0.0)
-        b = tl.load(w_tile)
-        if DOT_FP32:
-            # The interpreter's low-precision dot is not exact; fp32 products of fp16/bf16 are.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        col_ptr += 1
-        w_tile += stride_vt
+    # ROWS block-rows one after the other: their x tiles come again from L1 rather than L2.
+    first = pid_g * ROWS
+    for r in range(first, tl.minimum(first + ROWS, n_block_rows)):
+        start = tl.load(row_ptr_ptr + r)
+        end = tl.load(row_ptr_ptr + r + 1)
+        col_ptr = col_idx_ptr + start
+        w_tile = values_ptr + start.to(tl.int64) * stride_vt + w_offs
+        acc = tl.zeros((BLOCK_M, BH), dtype=tl.float32)
+        for _ in range(start, end):
+            col = tl.load(col_ptr).to(tl.int64)
+            a = tl.load(x_rows + col * BW * stride_xk, mask=mask_m[:, None], other=0.0)
+            b = tl.load(w_tile)
+            if DOT_FP32:
+                # The interpreter's low-precision dot is not exact; fp32 products of fp16/bf16 are.
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            col_ptr += 1
+            w_tile += stride_vt
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + pid_n * BH + offs_h).to(tl.float32)[None, :]
-    if GELU:
-        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-    y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + (pid_n * BH + offs_h)[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + r * BH + offs_h).to(tl.float32)[None, :]
+        if GELU:
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + (r * BH + offs_h)[None, :] * stride_yn
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
 def _gpu_configs():
+    # (BLOCK_M, ROWS, num_warps, num_stages). One block-row per program is the plain scheme; several
+    # trade parallelism for x reuse in L1 (num_stages=1 keeps x loads L1-cached, not cp.async).
+    shapes = [
+        (64, 1, 4, 2), (64, 1, 4, 3), (128, 1, 4, 2), (128, 1, 4, 3), (128, 1, 8, 3), (256, 1, 8, 2),
+        (64, 4, 4, 1), (64, 4, 4, 2), (128, 4, 4, 1), (128, 4, 8, 2), (64, 8, 4, 1), (128, 8, 8, 2),
+    ]  # fmt: skip
     return [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm in (64, 128, 256)
-        for w in (4, 8)
-        for s in (2, 3, 4)
-        if not (bm == 256 and w == 4)
+        triton.Config({"BLOCK_M": bm, "ROWS": rows}, num_warps=w, num_stages=s) for bm, rows, w, s in shapes
     ]
 
 
@@ -203,6 +210,7 @@ _bsmm_kernel_tuned = (
     else _bsmm_kernel
 )
 _INTERPRETER_BLOCK_M = 32
+_INTERPRETER_ROWS = 2  # exercises the block-row group loop and its ragged tail
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,10 +273,12 @@ def bsmm(x, values, col_idx, row_ptr, bias=None, gelu=False):
         BH=bh, BW=bw, HAS_BIAS=bias is not None, GELU=gelu, DOT_FP32=interp and x.dtype != torch.float32
     )
     if interp or not x.is_cuda:
-        grid = (triton.cdiv(M, _INTERPRETER_BLOCK_M) * n_rows,)
-        _bsmm_kernel[grid](*args, *strides, BLOCK_M=_INTERPRETER_BLOCK_M, IEEE=ieee, **flags)
+        grid = (triton.cdiv(M, _INTERPRETER_BLOCK_M) * triton.cdiv(n_rows, _INTERPRETER_ROWS),)
+        _bsmm_kernel[grid](
+            *args, *strides, BLOCK_M=_INTERPRETER_BLOCK_M, ROWS=_INTERPRETER_ROWS, IEEE=ieee, **flags
+        )
     else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * n_rows,)
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_rows, meta["ROWS"]),)
         _bsmm_kernel_tuned[grid](*args, *strides, IEEE=ieee, **flags)
     return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
 

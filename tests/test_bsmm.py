@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+
 from rpp_triton.kernels import bsmm as bsmm_mod
 from rpp_triton.kernels.bsmm import bsmm, bsmm_ref, bsr_from_dense, bsr_to_dense
 
