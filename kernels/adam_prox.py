@@ -345,6 +345,7 @@ class AdamProxPlan:
     n_programs: int
     nnz: torch.Tensor  # per program, written by each launch (pruned modes)
     meta: dict
+    grad_key: tuple  # gradient addresses in tables["g"]; gradients move more often than weights
 
 
 def _pow2(n: int) -> int:
@@ -396,16 +397,24 @@ def make_plan(
         work_start=torch.tensor(work_start, dtype=torch.int64, device=device),
     )
     nnz = torch.zeros(len(work_tensor), dtype=torch.int32, device=device)
-    return AdamProxPlan(key, mode, block, tables, len(work_tensor), nnz, meta)
+    grad_key = tuple(g.data_ptr() for g in grads)
+    return AdamProxPlan(key, mode, block, tables, len(work_tensor), nnz, meta, grad_key)
 
 
 def _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block):
     ptrs = tuple(
         t.data_ptr() if t is not None else 0
-        for ts in (params, grads, exp_avgs, exp_avg_sqs, auxes, counters)
+        for ts in (params, exp_avgs, exp_avg_sqs, auxes, counters)
         for t in ts
     )
     return (mode, block, tuple(g.dtype for g in grads), ptrs)
+
+
+def _address_table(tensors, device) -> torch.Tensor:
+    addresses = torch.tensor([t.data_ptr() if t is not None else 0 for t in tensors], dtype=torch.int64)
+    if device.type == "cuda":
+        return addresses.pin_memory().to(device, non_blocking=True)
+    return addresses
 
 
 def adam_prox(
@@ -437,8 +446,9 @@ def adam_prox(
     soft_threshold(z, lr * rpp_lambda * alpha) elementwise; MODE_TILES p_B = z_B * max(0, 1 - tau_B
     / rms(z_B)) per tile of `block`. On `reweight`, alpha = 1 / (rms(p_B) + reweight_eps).
     Elements with a non-finite gradient are skipped and counted in `counters` (int64, per tensor).
-    Returns the plan (reuse it while the tensors stay where they are); `plan.nnz` holds the
-    non-zeros written by each program.
+    Returns the plan (pass it back next step: its tables are rebuilt only if a weight or state
+    moved, and only the gradient addresses if a gradient did); `plan.nnz` holds the non-zeros
+    written by each program.
     """
     if not params:
         raise ValueError("adam_prox needs at least one tensor")
@@ -460,6 +470,11 @@ def adam_prox(
     key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block)
     if plan is None or plan.key != key:
         plan = make_plan(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode=mode, block=block)
+    grad_key = tuple(g.data_ptr() for g in grads)
+    if grad_key != plan.grad_key:
+        # zero_grad(set_to_none=True) may hand out new gradient buffers: refresh their addresses only.
+        plan.tables["g"] = _address_table(grads, params[0].device)
+        plan.grad_key = grad_key
     tb = plan.tables
     _adam_prox_kernel[(plan.n_programs,)](
         tb["p"],
