@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from rpp_triton.kernels import bsmm as bsmm_mod
 from rpp_triton.kernels.bsmm import bsmm, bsmm_ref, bsr_from_dense, bsr_to_dense
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
 # fp32: absolute/relative tolerance. fp16/bf16: the kernel may be at most twice as far from an fp32
 # reference as PyTorch's own low-precision F.linear is (plus a little slack for ties).
 TOL = {torch.float32: (1e-5, 1e-4)}
@@ -160,3 +162,24 @@ def test_bad_inputs():
         bsmm(torch.randn(3, 32), *bsr, torch.randn(31))
     with pytest.raises(ValueError, match="at least 16"):
         bsmm(torch.randn(3, 32), *bsr_from_dense(w, (8, 8)))
+
+
+GPU_CASES = [
+    Case((1000,), 12, 8, (32, 32), "random", gelu=gelu, bias=bias, dtype=dt)
+    for dt in (torch.float32, torch.float16, torch.bfloat16)
+    for gelu, bias in ((False, True), (True, True), (False, False))
+] + [
+    Case((3, 333), 6, 5, block, pattern, dtype=torch.bfloat16)
+    for block in ((16, 16), (64, 64), (16, 64), (64, 32))
+    for pattern in ("empty_rows", "dense", "empty")
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
+def test_kernel_matches_dense_cuda(case):
+    def on_cuda(x, values, col_idx, row_ptr, b, gelu):
+        args = [t.cuda() if t is not None else None for t in (x, values, col_idx, row_ptr, b)]
+        return bsmm(*args, gelu=gelu).cpu()
+
+    run_case(case, on_cuda)
