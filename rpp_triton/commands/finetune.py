@@ -30,10 +30,12 @@ def register(subparsers) -> None:
     p.add_argument("--text-pair-column", help="second text column for sentence-pair tasks")
     p.add_argument("--label-column", help="label column of local files (default 'label')")
     p.add_argument("--regression", action="store_true", help="labels are numbers (local files)")
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, help="passes over the training data (default 3; pydoc-topics 2)")
     p.add_argument("--max-steps", type=int, help="stop after N steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (truncated)")
+    p.add_argument(
+        "--max-length", type=int, help="tokens per example, truncated (default 128; pydoc-topics 64)"
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     add_run_arguments(p)
@@ -41,6 +43,11 @@ def register(subparsers) -> None:
 
 
 def validate(args) -> None:
+    offline_task = args.train_file is None and args.task in (None, "pydoc-topics")
+    if args.epochs is None:
+        args.epochs = 2.0 if offline_task else 3.0
+    if args.max_length is None:
+        args.max_length = 64 if offline_task else 128
     for name in ("max_steps", "batch_size", "max_length"):
         value = getattr(args, name)
         if value is not None and value < 1:

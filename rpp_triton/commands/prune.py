@@ -13,7 +13,7 @@ from rpp_triton.cli import UsageError
 from rpp_triton.commands.common import add_run_arguments, block_size_arg
 
 # The embedded default is sized to finish in a few minutes on a 2-core CPU.
-EMBEDDED = {"seq_len": 64, "batch_size": 16, "max_steps": 120, "eval_blocks": 96}
+EMBEDDED = {"seq_len": 64, "batch_size": 8, "max_steps": 80, "eval_blocks": 64}
 GENERAL = {"seq_len": 128, "batch_size": 32, "max_steps": 2000, "eval_blocks": 512}
 
 
