@@ -4,6 +4,7 @@ Answers are checked against the model's own outputs computed here, one text at a
 unpadded, so padding, batching and pooling in the server are all under test."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -578,6 +579,8 @@ def test_sparse_model_serves_same_answers(tmp_path, reference):
                 keep = (torch.arange(rows * cols) % 4 == 0).view(rows, cols)
                 w.mul_(keep.repeat_interleave(16, 0).repeat_interleave(16, 1))
     model.save_pretrained(model_dir)
+    report = {"sparsity": 0.75, "target_sparsity": 0.75, "block_size": [16, 16], "layers": []}
+    (tmp_path / "m" / "rpp_report.json").write_text(json.dumps(report))
 
     @torch.inference_mode()
     def embed(text):
@@ -586,9 +589,11 @@ def test_sparse_model_serves_same_answers(tmp_path, reference):
         enc = AutoTokenizer.from_pretrained(model_dir)(text, return_tensors="pt")
         return model(**enc).last_hidden_state[0].mean(0)
 
-    with running(loader(model_dir, sparse=True, block_size=16, min_sparsity=0.5)) as srv:
+    # No block size given: the server takes the pruning's 16x16 tiles from rpp_report.json.
+    with running(loader(model_dir, sparse=True, min_sparsity=0.5)) as srv:
         health = httpx.get(srv.url + "/health").json()["model"]
-        assert health["sparse_layers"] > 0 and health["sparse_error"] is None
+        assert health["block_size"] == [16, 16] and health["extra"]["rpp_report"]["sparsity"] == 0.75
+        assert health["sparse_layers"] == 12 and health["sparse_error"] is None  # 2 layers x 6 Linear
         body = httpx.post(srv.url + "/v1/embed", json={"inputs": TEXTS}).json()
     for text, got in zip(TEXTS, body["embeddings"]):
         torch.testing.assert_close(torch.tensor(got), embed(text), atol=1e-4, rtol=1e-4)

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import sys
 
 
 def register(subparsers) -> None:
@@ -24,7 +25,12 @@ def register(subparsers) -> None:
 
     m = p.add_argument_group("model")
     m.add_argument("--dense", action="store_true", help="serve the dense model (no block-sparse layers)")
-    m.add_argument("--block-size", type=int, default=32, help="tile size of the block-sparse layers")
+    m.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="tile size of the block-sparse layers (default: the model's rpp_report.json, else 32)",
+    )
     m.add_argument(
         "--min-sparsity",
         type=float,
@@ -158,7 +164,7 @@ def _run_local(args, config) -> int:
     server = Server(uv_config)
     server.run()
     if failed:
-        print(f"rpp-triton serve: error: the model failed to load: {failed[0]}")
+        print(f"rpp-triton serve: error: the model failed to load: {failed[0]}", file=sys.stderr)
         return 1
     return 0
 

@@ -299,7 +299,10 @@ class LocalService(Service):
                     info.sparse_layers,
                 )
         except Exception as exc:  # noqa: BLE001 - reported through /health and on_failure
-            log.exception("loading the model failed")
+            if isinstance(exc, ValueError):  # bad model directory or options: the message says it all
+                log.error("loading the model failed: %s", exc)
+            else:
+                log.exception("loading the model failed")
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             if self._on_failure is not None:

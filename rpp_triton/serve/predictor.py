@@ -10,6 +10,7 @@ batch. A new task head is one `_HEADS` entry, one `encode_*` method and one post
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -72,6 +73,7 @@ class ModelInfo:
     hidden_size: int
     max_tokens: int
     sparse_requested: bool
+    block_size: list[int]
     sparse_layers: int = 0
     linear_layers: int = 0
     weight_tile_sparsity: float = 0.0
@@ -83,16 +85,31 @@ class ModelInfo:
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Attention-mask-weighted mean of `hidden[B, L, H]` over the sequence: `[B, H]`."""
+    hidden = hidden.float()  # pool in fp32 even when the model runs in bf16 or fp16
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def _tile_sparsity(weight: torch.Tensor, block: int) -> float | None:
-    """Fraction of all-zero `block x block` tiles, or None when the shape does not tile."""
-    out_f, in_f = weight.shape
-    if out_f % block or in_f % block:
+def _read_report(model_dir: str) -> dict:
+    """rpp_report.json of a pruned model directory ({} for a plain model)."""
+    path = os.path.join(model_dir, "rpp_report.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _tile_sparsity(weight: torch.Tensor, block: tuple[int, int]) -> float | None:
+    """Fraction of all-zero `bh x bw` tiles, or None when the shape does not tile."""
+    (bh, bw), (out_f, in_f) = block, weight.shape
+    if out_f % bh or in_f % bw:
         return None
-    tiles = weight.detach().reshape(out_f // block, block, in_f // block, block)
+    tiles = weight.detach().reshape(out_f // bh, bh, in_f // bw, bw)
     nonzero = tiles.ne(0).any(dim=3).any(dim=1)
     return 1.0 - nonzero.float().mean().item()
 
@@ -127,7 +144,7 @@ class Predictor:
         device: str = "auto",
         dtype: str = "auto",
         sparse: bool = True,
-        block_size: int = 32,
+        block_size: int | tuple[int, int] | None = None,
         min_sparsity: float = 0.5,
         backend: str = "auto",
         max_tokens: int | None = None,
@@ -165,6 +182,10 @@ class Predictor:
             ]
 
         config = AutoConfig.from_pretrained(model_dir)
+        report = _read_report(model_dir)
+        if block_size is None:  # the tiles the model was pruned with, else 32
+            block_size = tuple(report["block_size"]) if report.get("block_size") else 32
+        block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
         architectures = list(getattr(config, "architectures", None) or [])
         task, loader = None, AutoModel
         for arch in architectures:
@@ -200,16 +221,19 @@ class Predictor:
             hidden_size=config.hidden_size,
             max_tokens=max_tokens,
             sparse_requested=sparse,
+            block_size=list(block),
         )
+        if report:
+            info.extra["rpp_report"] = {
+                k: report.get(k) for k in ("sparsity", "target_sparsity", "block_size")
+            }
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         info.linear_layers = len(linears)
-        tiles = [
-            (s, m.weight.numel()) for m in linears if (s := _tile_sparsity(m.weight, block_size)) is not None
-        ]
+        tiles = [(s, m.weight.numel()) for m in linears if (s := _tile_sparsity(m.weight, block)) is not None]
         if tiles:
             info.weight_tile_sparsity = sum(s * n for s, n in tiles) / sum(n for _, n in tiles)
         if sparse:
-            info.sparse_layers, info.sparse_error = _sparsify(model, block_size, min_sparsity, backend)
+            info.sparse_layers, info.sparse_error = _sparsify(model, block, min_sparsity, backend)
         info.load_seconds = time.perf_counter() - start
         return cls(model, tokenizer, info=info, device=dev, truncate=truncate)
 
@@ -290,7 +314,7 @@ class Predictor:
         has_head = len(self.tasks) > 1
         out = self.model(**inputs, output_hidden_states=has_head, return_dict=True)
         hidden = out.hidden_states[-1] if has_head else out.last_hidden_state
-        embeddings = mean_pool(hidden, inputs["attention_mask"]).float().cpu().tolist()
+        embeddings = mean_pool(hidden, inputs["attention_mask"]).cpu().tolist()
         results = [SequenceOutput(embedding=emb) for emb in embeddings]
         if "classify" in self.tasks:
             for r, row in zip(results, out.logits.float().cpu().tolist()):
@@ -354,7 +378,9 @@ class Predictor:
         }
 
 
-def _sparsify(model, block_size: int, min_sparsity: float, backend: str) -> tuple[int, str | None]:
+def _sparsify(
+    model, block_size: tuple[int, int], min_sparsity: float, backend: str
+) -> tuple[int, str | None]:
     """Swap sparse Linear layers for BlockSparseLinear. Returns (layers swapped, why not or None)."""
     try:
         from rpp_triton.sparse import BlockSparseLinear, sparsify
@@ -365,6 +391,6 @@ def _sparsify(model, block_size: int, min_sparsity: float, backend: str) -> tupl
     sparsify(model, block_size=block_size, min_sparsity=min_sparsity, backend=backend)
     swapped = sum(isinstance(m, BlockSparseLinear) for m in model.modules())
     log.info(
-        "sparsified %d Linear layers (block %d, min tile sparsity %.2f)", swapped, block_size, min_sparsity
+        "sparsified %d Linear layers (block %s, min tile sparsity %.2f)", swapped, block_size, min_sparsity
     )
     return swapped, None
