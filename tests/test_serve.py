@@ -543,18 +543,24 @@ def test_cli_serves_and_drains_on_sigterm(models):
                 pass
             time.sleep(0.2)
         result = {}
-        client = threading.Thread(
-            target=lambda: result.update(r=httpx.post(url + "/v1/embed", json={"inputs": "a"}, timeout=30))
-        )
+
+        def post():
+            result["r"] = httpx.post(url + "/v1/embed", json={"inputs": "a"}, timeout=30)
+            result["done"] = time.monotonic()
+
+        client = threading.Thread(target=post)
         started = time.monotonic()
         client.start()
-        time.sleep(0.5)
+        while metric(url, "rpp_queue_depth") != 1:  # the request waits in the batch window
+            assert time.monotonic() - started < 10, "the request did not reach the server"
+            time.sleep(0.05)
+        signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         client.join(30)
         # uvicorn drains, then re-raises the signal so the exit status still says SIGTERM.
         assert proc.wait(30) in (0, -signal.SIGTERM)
         assert result["r"].status_code == 200
-        assert time.monotonic() - started < 6, "draining should not wait out the 8 s batch window"
+        assert result["done"] - signalled < 5, "draining should not wait out the 8 s batch window"
         assert len(result["r"].json()["embeddings"][0]) == 32
     finally:
         if proc.poll() is None:
