@@ -23,7 +23,11 @@ def register(subparsers) -> None:
         description=__doc__,
     )
     p.add_argument("--model", help="pruned model directory, hub name (default: the shipped all-MiniLM-L6-v2)")
-    p.add_argument("--task", help=f"task name: {', '.join(TASK_NAMES)} (default: pydoc-topics)")
+    p.add_argument(
+        "--task",
+        help=f"task name: {', '.join(TASK_NAMES)}; question answering: squad, squad_v2, pydoc-qa, "
+        "pydoc-qa-v2 (local SQuAD JSON via --train-file) (default: pydoc-topics)",
+    )
     p.add_argument("--train-file", help="local CSV/JSON/JSONL training file")
     p.add_argument("--validation-file", help="local validation file (default: every 5th training row)")
     p.add_argument("--text-column", help="text column of local files (default 'text')")
@@ -63,6 +67,11 @@ def validate(args) -> None:
 
 
 def run(args) -> int:
+    from rpp_triton.squad import QA_TASKS, finetune_qa
+
+    if args.task in QA_TASKS:  # question answering (SQuAD v1.1/v2.0, pydoc-qa) lives in squad.py
+        finetune_qa(args)
+        return 0
     validate(args)
     from rpp_triton.pipeline import finetune_pipeline
 
