@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rpp_triton.backend import check_backend, resolve
-from rpp_triton.kernels.bsmm import bsmm, bsmm_ref, bsr_from_dense, bsr_to_dense
+from rpp_triton.kernels.bsmm import bsmm, bsmm_cpu_plan, bsmm_ref, bsr_from_dense, bsr_to_dense
 
 __all__ = ["BlockSparseLinear", "sparsify", "densify", "save_sparse", "load_sparse", "tile_sparsity"]
 
@@ -134,8 +134,17 @@ class BlockSparseLinear(nn.Module):
                     f"the Triton kernel needs power-of-two tiles >= 16, this layer has {bh}x{bw}"
                 )
             backend = "torch"
-        fn = bsmm if backend == "triton" else bsmm_ref
-        return fn(x, self.values, self.col_idx, self.row_ptr, self.bias, gelu=self.gelu)
+        if backend == "triton":
+            return bsmm(x, self.values, self.col_idx, self.row_ptr, self.bias, gelu=self.gelu)
+        return bsmm_ref(x, self.values, self.col_idx, self.row_ptr, self.bias, self.gelu, self._plan())
+
+    def _plan(self):
+        # The CPU path's per-block-row layout, rebuilt only when the tiles change (in place or .to()).
+        key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
+        if getattr(self, "_plan_key", None) != key:
+            self._plan_cache = bsmm_cpu_plan(self.values, self.col_idx, self.row_ptr)
+            self._plan_key = key
+        return self._plan_cache
 
     def extra_repr(self) -> str:
         bh, bw = self.block_size
