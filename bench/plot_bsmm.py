@@ -8,15 +8,15 @@ import json
 from collections import defaultdict
 
 
-def speedups(path):
-    """{(device, dtype, shape, tile): {impl: [(sparsity, dense_median / impl_median)]}}"""
+def speedups(path, stat="median"):
+    """{(device, dtype, shape, tile): {impl: [(sparsity, dense time / impl time)]}} from `stat` times."""
     with open(path) as f:
         benches = json.load(f)["benchmarks"]
     by_group = defaultdict(dict)
     for b in benches:
         info = b.get("extra_info", {})
         if "sparsity" in info and "impl" in info and "tile" in info and "encoder" not in b["group"]:
-            by_group[b["group"]][info["impl"]] = (info, b["stats"]["median"])
+            by_group[b["group"]][info["impl"]] = (info, b["stats"][stat])
     series = defaultdict(lambda: defaultdict(list))
     for impls in by_group.values():
         if "dense" not in impls:
@@ -33,6 +33,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_path")
     parser.add_argument("png_path")
+    parser.add_argument("--stat", default="median", choices=["median", "min", "mean"], help="time statistic")
     args = parser.parse_args()
 
     import matplotlib
@@ -40,7 +41,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = speedups(args.json_path)
+    series = speedups(args.json_path, args.stat)
     if not series:
         raise SystemExit(f"no linear-layer benchmarks with a dense baseline in {args.json_path}")
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -53,7 +54,7 @@ def main():
             ax.plot(*zip(*points), styles.get(impl, "-x"), label=label)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("tile sparsity (fraction of all-zero tiles)")
-    ax.set_ylabel("speedup over dense F.linear")
+    ax.set_ylabel(f"speedup over dense F.linear ({args.stat} times)")
     ax.set_yscale("log", base=2)
     devices = sorted({(d, t) for d, t, *_ in series})
     ax.set_title("block-sparse linear: " + ", ".join(f"{d} {t.replace('torch.', '')}" for d, t in devices))

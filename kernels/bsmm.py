@@ -7,7 +7,9 @@ bias.
 
 GPU (Triton): one program computes BLOCK_M rows of x against one block-row of W (an output block
 bh wide) and loops only over that block-row's stored tiles, so the work is proportional to the
-number of stored tiles. The epilogue adds the bias and, optionally, the exact (erf) GELU that BERT's
+number of stored tiles; autotuning may give a program ROWS consecutive block-rows, which re-reads
+its x tiles from L1 instead of L2 (x is re-read once per stored tile: ~10x its size at 90%).
+The epilogue adds the bias and, optionally, the exact (erf) GELU that BERT's
 intermediate layer applies, so that layer needs no second pass. bh and bw are the tl.dot shapes and
 must be >= 16. The kernel stops paying off at low sparsity: below ~30% zero tiles a dense cuBLAS
 GEMM with its wide output tiles wins, and near 100% the output write (M x out) is the floor.
@@ -21,12 +23,15 @@ fp32, x[8192, 768] @ W[3072, 768]^T, 32x32 tiles, 90% zero tiles (best of 6, int
       ... same, x processed in chunks of 1024 rows          111 ms   2.1x
       ... chunks of 2048 rows, gather with index_select      73 ms   3.2x  <- chosen
       ... transposed form (W_r @ x^T[cols]) + transpose      93 ms   2.5x
+(The same candidates on a busy machine, other jobs holding the cores: every method with many small
+parallel ops falls behind one large dense GEMM, so ratios only mean something on an idle machine.)
 So for each chunk of rows (a few MB of x, stays in cache) and each block-row, the x column blocks
 that block-row needs are gathered into a contiguous [rows, k*bw] matrix and multiplied once by the
-block-row's tiles laid side by side ([k*bw, bh]), writing straight into y's column slice. Each
-GEMM then has k*bw as its depth, instead of k separate bw-deep products. Above
-`DENSE_FALLBACK_DENSITY` stored tiles the gathers cost more than the zeros save, and the fallback
-rebuilds the dense weight and calls F.linear.
+block-row's tiles laid side by side ([k*bw, bh]), writing straight into y's column slice; the
+bias is added once at the end. Each GEMM then has k*bw as its depth, instead of k separate bw-deep
+products. Above `DENSE_FALLBACK_DENSITY` stored tiles the fallback rebuilds the dense weight and
+calls F.linear (at 50% zero tiles the gather path still measured ~2x ahead on a quiet machine; the
+exact crossover was not pinned down).
 """
 
 import math
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from rpp_triton.backend import interpreting
 from rpp_triton.kernels._compat import HAS_TRITON, tl, triton
 
-# Fraction of stored tiles above which the CPU fallback multiplies densely (measured crossover).
+# Fraction of stored tiles above which the CPU fallback multiplies densely.
 DENSE_FALLBACK_DENSITY = 0.6
 # Rows of x per chunk on the CPU: ~6 MB of fp32 x at in=768, sized to stay in the L2/L3 caches.
 _CPU_CHUNK_BYTES = 6 << 20
