@@ -11,8 +11,9 @@ number of stored tiles; autotuning may give a program ROWS consecutive block-row
 its x tiles from L1 instead of L2 (x is re-read once per stored tile: ~10x its size at 90%).
 The epilogue adds the bias and, optionally, the exact (erf) GELU that BERT's
 intermediate layer applies, so that layer needs no second pass. bh and bw are the tl.dot shapes and
-must be >= 16. The kernel stops paying off at low sparsity: below ~30% zero tiles a dense cuBLAS
-GEMM with its wide output tiles wins, and near 100% the output write (M x out) is the floor.
+must be >= 16. Expected limits (no GPU numbers yet; bench/bench_bsmm.py measures them): at low
+sparsity cuBLAS's wide output tiles re-read x far less and win; at high sparsity the M x out output
+write is the floor.
 
 CPU (PyTorch fallback, `bsmm_ref`): measured on a 2-core AVX-512 EPYC, torch.set_num_threads(2),
 fp32, x[8192, 768] @ W[3072, 768]^T, 32x32 tiles, 90% zero tiles (best of 6, interleaved runs):
