@@ -78,9 +78,9 @@ class RPPAdamW(torch.optim.Optimizer):
     """AdamW with the reweighted proximal pruning step of arXiv 1909.12486 (see DESIGN.md).
 
     Group keys: every constructor option plus `prune` (default True) and `frozen` (set by
-    `freeze_masks`). Gradients holding NaN or Inf do not poison the weights: the tiles (elements,
-    for 1x1) they touch keep their weights, moments and alpha for that step, and are counted in
-    `nonfinite_skipped()`.
+    `freeze_masks`). Gradients holding NaN or Inf do not poison the weights: the elements they
+    touch skip the Adam update for that step (weight and moments keep their values; the tile's
+    proximal step still applies) and are counted in `nonfinite_skipped()`.
     """
 
     def __init__(
@@ -359,17 +359,35 @@ class RPPAdamW(torch.optim.Optimizer):
             total += numel
         return zeros / total if total else 0.0
 
-    def freeze_masks(self) -> None:
-        """Fix each pruned parameter's mask at its current non-zeros; later steps keep it."""
+    def freeze_masks(self, masks: dict | None = None) -> None:
+        """Fix each pruned parameter's mask; later steps keep it (p = z * mask).
+
+        By default the mask is the parameter's current non-zero tiles. `masks` ({param: bool
+        tensor of its shape}) sets some explicitly, e.g. to keep tiles a hard prune chose even
+        where the weights are zero now, so training can grow them back.
+        """
+        masks = masks or {}
+        pruned = {id(p) for _, p in self._pruned()}
+        for p in masks:
+            if id(p) not in pruned:
+                raise ValueError("freeze_masks: a mask was given for a parameter that is not pruned")
         self._plans.clear()
         for group in self.param_groups:
             if group["prune"]:
                 group["frozen"] = True
                 for p in group["params"]:
-                    self._init_state(p, group)
+                    state = self._init_state(p, group)
+                    if p in masks:
+                        mask = masks[p]
+                        if mask.shape != p.shape:
+                            raise ValueError(
+                                f"freeze_masks: mask of shape {tuple(mask.shape)} for a parameter of "
+                                f"shape {tuple(p.shape)}"
+                            )
+                        state["mask"] = mask.to(device=p.device, dtype=torch.bool).clone()
 
     def nonfinite_skipped(self) -> int:
-        """How many tiles (elements, for 1x1 tiles) were skipped for a NaN or Inf gradient."""
+        """How many elements were skipped for a NaN or Inf gradient."""
         return sum(int(s["nonfinite"]) for s in self.state.values() if "nonfinite" in s)
 
 

@@ -147,6 +147,22 @@ def test_frozen_masks_keep_pruned_weights_exactly_zero(block):
     assert (p.detach()[mask] != 0).all()  # kept weights still train
 
 
+def test_freeze_with_explicit_masks_regrows_kept_zero_tiles():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = rpp.RPPAdamW([p], lr=0.1, rpp_lambda=0.0, block_size=2)
+    keep = torch.zeros(4, 4, dtype=torch.bool)
+    keep[:2, :2] = True  # a tile that is zero now but was chosen to stay
+    opt.freeze_masks({p: keep})
+    p.grad = torch.ones(4, 4)
+    opt.step()
+    assert (p.detach()[:2, :2] != 0).all() and torch.equal(p.detach()[2:], torch.zeros(2, 4))
+    assert torch.equal(opt.masks()[p], keep)
+    with pytest.raises(ValueError, match="shape"):
+        opt.freeze_masks({p: torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="not pruned"):
+        opt.freeze_masks({torch.nn.Parameter(torch.ones(1)): torch.ones(1, dtype=torch.bool)})
+
+
 def test_masks_are_tile_level_and_sparsity_counts_elements():
     p = torch.nn.Parameter(torch.zeros(4, 4))
     q = torch.nn.Parameter(torch.zeros(3))
@@ -276,6 +292,7 @@ def test_compiled_and_eager_paths_agree(monkeypatch):
 @pytest.mark.parametrize("block", [1, 2], ids=lambda b: f"block={b}")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_nonfinite_gradient_elements_are_skipped_and_counted(block, bad):
+    # lambda = 0, so the proximal step is the identity and the Adam update is all that moves p.
     p = torch.nn.Parameter(torch.ones(4, 4))
     opt = rpp.RPPAdamW([p], lr=0.1, rpp_lambda=0.0, block_size=block)
     g = torch.full((4, 4), 0.5)
