@@ -3,13 +3,14 @@
 #   bash bench/gpu_check.sh OUT_DIR
 # Needs no network and nothing beyond the project's own requirements (PyTorch, Triton, transformers,
 # pytest, pytest-benchmark); runs from the source tree. On a machine without CUDA the GPU parts
-# skip cleanly. BENCH_FILTER narrows the benchmark cases (a pytest -k expression).
+# skip cleanly. Each section has a time limit so one slow part cannot eat the others' time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/latest}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-FILTER="${BENCH_FILTER:-cuda}"
+ADAM_FILTER="${ADAM_FILTER:-cuda}"
+BSMM_FILTER="${BSMM_FILTER:-cuda and (tile32 or encoder) and not sp0.7 and not sp0.95}"
 status=0
 
 python3 - <<'PY' | tee "$OUT/env.txt"
@@ -28,15 +29,18 @@ else:
 PY
 
 echo "== GPU tests"
-python3 -m pytest tests/test_adam_prox.py tests/test_bsmm.py tests/test_sparse.py -q -x -p no:cacheprovider \
-    2>&1 | tee "$OUT/gpu_tests.log" | tail -n 15 || status=1
+timeout 150 python3 -m pytest tests/test_adam_prox.py tests/test_bsmm.py tests/test_sparse.py -q -p no:cacheprovider \
+    > "$OUT/gpu_tests.log" 2>&1 || status=1
+tail -n 12 "$OUT/gpu_tests.log"
 
-echo "== benchmarks (-k '$FILTER')"
-for suite in adam_prox bsmm; do
-    python3 -m pytest "bench/bench_$suite.py" -q -p no:cacheprovider -k "$FILTER" \
-        --benchmark-json="$OUT/bench_$suite.json" --benchmark-columns=median,iqr,rounds \
-        > "$OUT/bench_$suite.log" 2>&1 || { status=1; tail -n 20 "$OUT/bench_$suite.log"; }
-done
+bench() {  # bench NAME SECONDS FILTER
+    echo "== bench_$1 (-k '$3')"
+    timeout "$2" python3 -m pytest "bench/bench_$1.py" -q -p no:cacheprovider -k "$3" \
+        --benchmark-json="$OUT/bench_$1.json" --benchmark-columns=median,iqr,rounds \
+        > "$OUT/bench_$1.log" 2>&1 || { status=1; tail -n 15 "$OUT/bench_$1.log"; }
+}
+bench adam_prox 140 "$ADAM_FILTER"
+bench bsmm 170 "$BSMM_FILTER"
 
 echo "== summary"
 python3 bench/summarize.py "$OUT"/bench_*.json | tee "$OUT/summary.txt"

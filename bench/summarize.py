@@ -17,8 +17,12 @@ RATE_KEYS = ("gbps", "dense_equiv_tflops", "useful_tflops", "sequences_per_s", "
 def load(paths):
     groups = defaultdict(list)
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            print(f"{path}: no benchmark data (nothing ran, or the run was cut short)")
+            continue
         for b in data.get("benchmarks", []):
             groups[b.get("group") or b["name"]].append(b)
     return groups

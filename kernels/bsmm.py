@@ -140,6 +140,7 @@ def _bsmm_kernel(
     M,
     n_block_rows,
     M_BUCKET,  # autotuning key only: M rounded up to a power of two
+    DENSITY_DECILE,  # autotuning key only: stored tiles / all tiles, in tenths (best config shifts)
     stride_xm,
     stride_xk,
     stride_vt,
@@ -215,9 +216,10 @@ def _gpu_configs():
 
 # Autotuning needs a GPU driver; the interpreter launches the plain kernel with a fixed BLOCK_M.
 _bsmm_kernel_tuned = (
-    triton.autotune(configs=_gpu_configs(), key=["M_BUCKET", "n_block_rows", "BH", "BW", "HAS_BIAS", "GELU"])(
-        _bsmm_kernel
-    )
+    triton.autotune(
+        configs=_gpu_configs(),
+        key=["M_BUCKET", "DENSITY_DECILE", "n_block_rows", "BH", "BW", "HAS_BIAS", "GELU"],
+    )(_bsmm_kernel)
     if HAS_TRITON
     else _bsmm_kernel
 )
@@ -279,7 +281,8 @@ def bsmm(x, values, col_idx, row_ptr, bias=None, gelu=False):
     row_ptr = row_ptr.to(torch.int32).contiguous()
     # fp32 on the GPU: full-precision products, as F.linear does unless TF32 is switched on.
     ieee = x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-    args = (x2, values, col_idx, row_ptr, bias if bias is not None else y, y, M, n_rows, _bucket(M))
+    decile = round(10 * values.shape[0] / max(1, n_rows * (in_f // bw)))
+    args = (x2, values, col_idx, row_ptr, bias if bias is not None else y, y, M, n_rows, _bucket(M), decile)
     strides = (*x2.stride(), *values.stride(), *y.stride())
     flags = dict(
         BH=bh, BW=bw, HAS_BIAS=bias is not None, GELU=gelu, DOT_FP32=interp and x.dtype != torch.float32

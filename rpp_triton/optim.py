@@ -54,7 +54,14 @@ def _fast(fn, **constants):
     compiled = _compiled.get(key)
     if compiled is None:
         bound = functools.partial(fn, **constants)
-        compiled = torch.compile(bound, dynamic=True, fullgraph=True) if _compile_enabled() else bound
+        if _compile_enabled():
+            # Every variant (mode flags, tile shape, gradient dtype, size-1 specialisations) is a
+            # recompile of the same code object: allow more than dynamo's default of 8.
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            compiled = torch.compile(bound, dynamic=True, fullgraph=True)
+        else:
+            compiled = bound
         _compiled[key] = compiled
 
     def run(*args, **kwargs):
