@@ -15,8 +15,10 @@ from rpp_triton.kernels.adam_prox import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# The kernel against the reference, both in fp32; on a GPU the kernel's sqrt/div may round differently.
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=1e-5, atol=1e-6)}
+# The kernel against the reference, both computing in fp32. The interpreter rounds like PyTorch's CPU
+# ops; on a GPU the compiler may fuse multiply-adds and round sqrt/div differently (~1 ulp per op).
+_ATOL = 1e-6 if DEVICE == "cpu" else 1e-5
+TOL = {torch.float32: dict(rtol=1e-5, atol=_ATOL), torch.bfloat16: dict(rtol=1e-5, atol=_ATOL)}
 HP = dict(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
 
 # Odd sizes on purpose: smaller than one program's block, not multiples of it, tiles that are not

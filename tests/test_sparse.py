@@ -7,7 +7,9 @@ from torch import nn
 import rpp_triton as rpp
 from rpp_triton.sparse import FusedActivation, load_sparse, save_sparse, tile_sparsity
 
-BACKENDS = ["torch", "triton"]  # "triton" runs the kernel in the interpreter on CPU
+BACKENDS = ["torch", "triton"]
+# "triton" runs the kernel on the GPU where there is one, else in the interpreter on CPU tensors.
+DEVICE = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
 def prune_tiles(weight: torch.Tensor, block, sparsity: float) -> torch.Tensor:
@@ -25,12 +27,12 @@ def prune_tiles(weight: torch.Tensor, block, sparsity: float) -> torch.Tensor:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(7, 64), (2, 9, 64)], ids=["2d", "3d"])
 def test_from_dense_matches_linear(backend, shape):
-    linear = nn.Linear(64, 48)
+    linear = nn.Linear(64, 48).to(DEVICE[backend])
     keep = prune_tiles(linear.weight, (16, 16), 0.5)
     layer = rpp.BlockSparseLinear.from_dense(linear, block_size=16, backend=backend)
     assert layer.nnz_tiles == int(keep.sum())
     assert layer.sparsity == pytest.approx(1 - keep.float().mean().item())
-    x = torch.randn(*shape)
+    x = torch.randn(*shape, device=DEVICE[backend])
     with torch.no_grad():
         torch.testing.assert_close(layer(x), linear(x), atol=1e-5, rtol=1e-4)
     assert torch.equal(layer.dense_weight(), linear.weight.detach())
@@ -38,11 +40,11 @@ def test_from_dense_matches_linear(backend, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_zero_weight_returns_bias(backend):
-    linear = nn.Linear(32, 32)
+    linear = nn.Linear(32, 32).to(DEVICE[backend])
     nn.init.zeros_(linear.weight)
     layer = rpp.BlockSparseLinear.from_dense(linear, block_size=(16, 32), backend=backend)
     assert layer.nnz_tiles == 0 and layer.sparsity == 1.0
-    y = layer(torch.randn(3, 5, 32))
+    y = layer(torch.randn(3, 5, 32, device=DEVICE[backend]))
     assert torch.equal(y, linear.bias.detach().expand(3, 5, 32))
 
 
@@ -65,7 +67,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="backend"):
         rpp.BlockSparseLinear.from_dense(nn.Linear(32, 32), 16, backend="cuda")
     with pytest.raises(ValueError, match="power-of-two"):
-        rpp.BlockSparseLinear.from_dense(nn.Linear(24, 24), 8, backend="triton")(torch.randn(2, 24))
+        dev = DEVICE["triton"]
+        rpp.BlockSparseLinear.from_dense(nn.Linear(24, 24).to(dev), 8, backend="triton")(
+            torch.randn(2, 24, device=dev)
+        )
 
 
 def test_sparsify_densify_sequential():
@@ -116,8 +121,8 @@ def tiny_bert(cls_name="BertModel"):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_bert_sparsified_equals_dense(backend):
-    model = tiny_bert()
-    ids = torch.randint(0, 60, (2, 9))
+    model = tiny_bert().to(DEVICE[backend])
+    ids = torch.randint(0, 60, (2, 9), device=DEVICE[backend])
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     with torch.no_grad():
