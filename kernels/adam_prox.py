@@ -357,7 +357,9 @@ def _adam_prox_kernel(
 # ---- part 3: the launcher -----------------------------------------------------------------------
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Work per program and warps per program on the GPU (bench/sweep_adam_prox.py measures choices).
 ELEMENTS_PER_PROGRAM = 4096
+GPU_NUM_WARPS = 8
 
 
 @dataclass
@@ -557,7 +559,7 @@ def adam_prox(
         reweight_eps,
         MODE=mode,
         REWEIGHT=bool(reweight),
-        num_warps=8 if params[0].is_cuda else 1,
+        num_warps=GPU_NUM_WARPS if params[0].is_cuda else 1,
         **plan.meta,
     )
     return plan
