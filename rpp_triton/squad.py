@@ -292,7 +292,7 @@ def load_qa_task(
 # ---------------------------------------------------------------------------------------------
 # The offline default: questions about Python's documentation
 
-_SIGNATURE = re.compile(r"(?:class |exception )?([A-Za-z_][\w.]*)\((.*)\)")
+_SIGNATURE = re.compile(r"(?:class |exception )?([A-Za-z_][\w.]*)\(([^()]*)\)")
 _PRODUCTION = re.compile(r"([a-z_][\w]*) ::= (.+?)(?= [a-z_][\w]* ::= |$)")
 _NEW_IN = re.compile(r"^New in version (\d+\.\d+)")
 _RETURNS = re.compile(r"^Returns? (.+?)(?:\.(?:\s|$))")
@@ -340,7 +340,7 @@ def _chunk_questions(paragraphs: list[str]) -> tuple[str, list[tuple[str, str, i
             name, desc, desc_at = sig.group(1), paragraphs[i + 1], starts[i + 1]
             words = desc.split()
             if len(words) >= 6:
-                qas.append((f"Which entry is described as: {' '.join(words[:10])}?", name, at))
+                qas.append((f"Which entry is described as: {' '.join(words[:10])}?", name, at + sig.start(1)))
             if sig.group(2).strip():
                 qas.append((f"What are the parameters of {name}()?", sig.group(2), at + sig.start(2)))
             m = _RETURNS.match(desc)
@@ -357,9 +357,10 @@ def _chunk_questions(paragraphs: list[str]) -> tuple[str, list[tuple[str, str, i
                 qas.append((f"What is the grammar rule for {m.group(1)}?", rhs, at + m.start(2)))
                 if len(rhs.split()) >= 3:
                     qas.append((f"Which grammar rule is defined as {rhs}?", m.group(1), at + m.start(1)))
-    # A question asked twice in one context would have two right answers: drop both.
+    # A question asked twice in one context would have two right answers: drop both. Answers that
+    # are only punctuation normalise to nothing, which the metric reads as "no answer".
     counts = collections.Counter(q for q, _, _ in qas)
-    return context, [qa for qa in qas if counts[qa[0]] == 1]
+    return context, [qa for qa in qas if counts[qa[0]] == 1 and normalize_answer(qa[1])]
 
 
 def pydoc_qa(version_2: bool = False) -> tuple[list[dict], list[dict]]:
@@ -380,7 +381,9 @@ def pydoc_qa(version_2: bool = False) -> tuple[list[dict], list[dict]]:
                 current = []
         if current:
             chunks.append((topic, *_chunk_questions(current)))
-    chunks = [c for c in chunks if c[2]]
+    # Some text appears under several topics: keep one copy, so no held-out context is trained on.
+    unique = {c[1]: c for c in reversed(chunks) if c[2]}
+    chunks = [c for c in chunks if unique.get(c[1]) is c]
     train, held = [], []
     for n, (topic, context, qas) in enumerate(chunks):
         rows = [
@@ -754,7 +757,7 @@ def finetune_qa(args) -> dict:
         "train_examples": len(data.train),
         "train_windows": len(train_rows),
         "eval_examples": len(data.eval),
-        "skipped": dict(skipped),
+        "skipped": {k: n for k, n in skipped.items() if n},
         "max_length": args.max_length,
         "doc_stride": args.doc_stride,
         "steps": trainer.state.global_step,
@@ -779,7 +782,7 @@ def finetune_qa(args) -> dict:
             with open(os.path.join(partial, name), "w") as f:
                 json.dump(obj, f, indent=1)
         T.publish(partial, args.output_dir, args.keep_checkpoints)
-        if skipped:
+        if any(skipped.values()):
             print(f"skipped: {describe_skips(skipped)}")
         print(f"sparsity before {sparsity_before:.4f}, after {sparsity_after:.4f} (masks frozen)")
         print(f"wrote {args.output_dir} ({report['seconds']} s)")
