@@ -42,7 +42,7 @@ def main() -> None:
         f"copy {t_copy * 1e3:.3f} ms {8 * numel / t_copy / 1e9:.0f} GB/s; adamw_fused {t_adamw * 1e3:.3f} ms"
     )
     for tile in (1, 32):
-        for elements in (2048, 4096, 8192):
+        for elements in (1024, 2048, 4096):
             for warps in (4, 8):
                 k.ELEMENTS_PER_PROGRAM, k.GPU_NUM_WARPS = elements, warps
                 opt = rpp.RPPAdamW(params, lr=1e-4, rpp_lambda=1e-2, block_size=tile, reweight_every=1)

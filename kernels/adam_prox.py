@@ -272,6 +272,9 @@ def _adam_prox_kernel(
         aux_off = tl.multiple_of(aux_off, 4)
         if MODE != 3:
             start = tl.multiple_of(start, 4)  # an element index, a multiple of BLOCK
+            # With numel a multiple of 16 the bounds mask is constant over 16 elements, so the
+            # masked loads still vectorise (an unknown numel cost ~2x in the 1x1 mode on an H100).
+            numel = tl.multiple_of(numel, 16)
     p_ptr = p_base_ptr + p_off
     g_ptr = g_base_ptr + g_off
     m_ptr = m_base_ptr + m_off
@@ -358,7 +361,9 @@ def _adam_prox_kernel(
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Work per program and warps per program on the GPU (bench/sweep_adam_prox.py measures choices).
-ELEMENTS_PER_PROGRAM = 4096
+# Measured on an H100 (BERT-base weights): 2048 elements and 8 warps ran the tiled step at 0.85 ms
+# (fused AdamW 0.95 ms); 8192 elements spilled registers (4-15 ms).
+ELEMENTS_PER_PROGRAM = 2048
 GPU_NUM_WARPS = 8
 
 
@@ -464,10 +469,12 @@ def _offset_table(tensors, device) -> torch.Tensor:
 
 
 def _aligned(tensor_lists, params, mode) -> bool:
-    """True when every tensor starts on 16 bytes and, for tiles, every row keeps that alignment."""
+    """True when every tensor starts on 16 bytes and rows (tiles) or sizes (elementwise) keep the
+    loads aligned: then the kernel may promise the compiler 16-byte-aligned, vectorisable access."""
     ptrs_ok = all(t.data_ptr() % 16 == 0 for ts in tensor_lists for t in ts if t is not None)
-    rows_ok = mode != MODE_TILES or all(p.shape[1] % 4 == 0 for p in params)
-    return ptrs_ok and rows_ok
+    if mode == MODE_TILES:
+        return ptrs_ok and all(p.shape[1] % 4 == 0 for p in params)
+    return ptrs_ok and all(p.numel() % 16 == 0 for p in params)
 
 
 def adam_prox(
