@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -50,11 +51,119 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+DENSE_PROTOCOL = (
+    "same budget: a second run from the same checkpoint, head initialisation, seed, data order, "
+    "learning rates and number of steps, with lambda = 0 and no hard prune"
+)
+
+
+def _max_positions(model_name: str, default: int) -> int:
+    from transformers import AutoConfig
+
+    config = common.load_pretrained(AutoConfig, model_name)
+    return getattr(config, "max_position_embeddings", None) or default
+
+
+class _MLMRun:
+    """One masked-LM Trainer run: the model (seeded, so a fresh head starts the same every time),
+    RPPAdamW, the sparsity controller and the Trainer, writing to `out`."""
+
+    def __init__(self, args, model_name, data, out, target, steps, checkpoints=True):
+        from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, set_seed
+
+        from rpp_triton import RPPAdamW
+
+        tokenizer, train_blocks, eval_blocks = data
+        dense_steps, rpp_steps, recovery_steps = steps
+        set_seed(args.seed)
+        model, info = common.load_pretrained(AutoModelForMaskedLM, model_name, output_loading_info=True)
+        prefix = model.base_model_prefix + "."
+        self.head_new = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(prefix))
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        self.tied = out_emb is not None and out_emb.weight is in_emb.weight
+        try:
+            self.optimizer = RPPAdamW(_mlm_groups(model, args, self.head_new), lr=args.lr)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        self.controller = T.SparsityController(
+            self.optimizer,
+            target,
+            args.block_size,
+            dense_steps,
+            rpp_steps,
+            recovery_steps,
+            init_lambda=args.rpp_lambda,
+            gain=args.lambda_gain,
+            prune_by=args.prune_by,
+        )
+        max_steps = sum(steps)
+        targs = common.training_arguments(
+            out,
+            max_steps=max_steps,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=min(dense_steps, 20),
+            save_steps=args.save_steps or max_steps,
+            save_strategy="steps" if args.save_steps and checkpoints else "no",
+            save_total_limit=None if args.keep_checkpoints else 2,
+            logging_steps=args.logging_steps,
+            seed=args.seed,
+            eval_strategy="no",
+        )
+        head = T.mlm_head(model)
+        self.trainer = T.make_trainer_class()(
+            model=model,
+            args=targs,
+            train_dataset=train_blocks,
+            eval_dataset=eval_blocks,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability),
+            processing_class=tokenizer,
+            optimizers=(self.optimizer, None),
+            callbacks=[self.controller],
+            compute_metrics=None if head else _mlm_metrics,
+            preprocess_logits_for_metrics=None if head else _argmax_logits,
+        )
+        self.trainer.controller = self.controller
+        self.trainer.masked_lm = T.MaskedPositions(head) if head is not None else None
+
+
+def _mlm_groups(model, args, head_new: list[str]) -> list[dict]:
+    """The default pruning split, with a freshly initialised masked-LM head (MiniLM ships without
+    one) in its own group at `head_lr_scale` x the learning rate, so it fits within the budget."""
+    from rpp_triton import param_groups
+
+    groups = param_groups(
+        model,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        rpp_lambda=args.rpp_lambda,
+        reweight_every=args.reweight_every,
+        reweight_eps=args.reweight_eps,
+        block_size=args.block_size,
+        backend=args.backend,
+    )
+    new = set(head_new)
+    out = []
+    for group in groups:
+        if group["prune"] or not new or args.head_lr_scale == 1:
+            out.append(group)
+            continue
+        pairs = list(zip(group["param_names"], group["params"]))
+        for is_new in (False, True):
+            chosen = [(n, p) for n, p in pairs if (n in new) == is_new]
+            if chosen:
+                names, params = [n for n, _ in chosen], [p for _, p in chosen]
+                lr = args.lr * (args.head_lr_scale if is_new else 1.0)
+                out.append({**group, "params": params, "param_names": names, "lr": lr})
+    return out
+
+
 def prune_pipeline(args) -> dict:
     """Run `rpp-triton prune`; returns the report written to rpp_report.json."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling, set_seed
+    from transformers import AutoTokenizer
 
-    from rpp_triton import RPPAdamW, param_groups
     from rpp_triton import data as D
     from rpp_triton.commands.prune import EMBEDDED, GENERAL
 
@@ -80,15 +189,7 @@ def prune_pipeline(args) -> dict:
         train_text, held_text = D.load_text(args.dataset, args.text_column)
         dataset_name = args.dataset
 
-    set_seed(args.seed)
-    model, info = common.load_pretrained(AutoModelForMaskedLM, model_name, output_loading_info=True)
-    head_new = sorted(
-        k for k in info.get("missing_keys", ()) if not k.startswith(model.base_model_prefix + ".")
-    )
-    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = out_emb is not None and out_emb.weight is in_emb.weight
-
-    seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", args.seq_len))
+    seq_len = min(args.seq_len, _max_positions(model_name, args.seq_len))
     train_blocks = D.mlm_blocks(tokenizer, train_text, seq_len)
     eval_blocks = D.static_masked_eval(
         tokenizer, D.mlm_blocks(tokenizer, held_text, seq_len)[: args.eval_blocks]
@@ -97,66 +198,31 @@ def prune_pipeline(args) -> dict:
         raise UsageError(f"dataset {dataset_name!r} is too short for blocks of {seq_len} tokens")
 
     block = args.block_size
-    try:
-        groups = param_groups(
-            model,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            rpp_lambda=args.rpp_lambda,
-            reweight_every=args.reweight_every,
-            reweight_eps=args.reweight_eps,
-            block_size=block,
-            backend=args.backend,
-        )
-        optimizer = RPPAdamW(groups, lr=args.lr)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    controller = T.SparsityController(
-        optimizer,
-        args.target_sparsity,
-        block,
-        dense_steps,
-        rpp_steps,
-        recovery_steps,
-        init_lambda=args.rpp_lambda,
-        gain=args.lambda_gain,
-        prune_by=args.prune_by,
-    )
+    data = (tokenizer, train_blocks, eval_blocks)
+    steps = (dense_steps, rpp_steps, recovery_steps)
+    run = _MLMRun(args, model_name, data, partial, args.target_sparsity, steps)
+    trainer, controller, optimizer = run.trainer, run.controller, run.optimizer
     if controller_state is not None:
         controller.load_state_dict(controller_state)
 
     T.start_partial(partial, args.resume_from_checkpoint)
-    targs = common.training_arguments(
-        partial,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(dense_steps, 20),
-        save_steps=args.save_steps or args.max_steps,
-        save_strategy="steps" if args.save_steps else "no",
-        save_total_limit=None if args.keep_checkpoints else 2,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        eval_strategy="no",
-    )
-    trainer = T.make_trainer_class()(
-        model=model,
-        args=targs,
-        train_dataset=train_blocks,
-        eval_dataset=eval_blocks,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=args.mlm_probability),
-        processing_class=tokenizer,
-        optimizers=(optimizer, None),
-        callbacks=[controller],
-        compute_metrics=_mlm_metrics,
-        preprocess_logits_for_metrics=_argmax_logits,
-    )
-    trainer.controller = controller
+    want_reference = args.target_sparsity > 0 and args.dense_reference == "same-budget"
+    if want_reference and "dense_reference" not in controller.evals:
+        # Same start, head initialisation, data order, learning rates and step count; lambda = 0
+        # and no hard prune. The pruned model's accuracy is compared against this.
+        ref_dir = os.path.join(partial, "dense-reference")
+        ref = _MLMRun(
+            args, model_name, data, ref_dir, 0.0, (dense_steps, rpp_steps + recovery_steps, 0), False
+        )
+        ref.trainer.train()
+        controller.evals["dense_reference"] = ref.controller.evals["final"]
+        del ref
+        if T.is_main_process():
+            shutil.rmtree(ref_dir, ignore_errors=True)
     if dense_steps == 0 and args.resume_from_checkpoint is None:
-        trainer.evaluate()  # the dense reference: nothing is trained before pruning starts
+        trainer.evaluate()  # the state before any training
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    head_new, tied = run.head_new, run.tied
 
     named = T.pruned_named_params(optimizer)
     layers = T.layer_table(named, block)
@@ -172,13 +238,21 @@ def prune_pipeline(args) -> dict:
             else {"mlm_accuracy": m.get("eval_mlm_accuracy"), "mlm_loss": m.get("eval_loss")}
         )
 
+    if args.target_sparsity == 0:
+        dense, protocol = mlm("final"), "this run: target sparsity 0 trains densely for the whole budget"
+    elif "dense_reference" in evals:
+        dense, protocol = mlm("dense_reference"), DENSE_PROTOCOL
+    else:
+        dense, protocol = None, "none (--dense-reference none)"
     report = {
         "sparsity": zeros / total,
         "target_sparsity": args.target_sparsity,
         "block_size": list(block),
         "layers": layers,
-        "dense": mlm("dense"),
+        "dense": dense,
         "pruned": mlm("final"),
+        "dense_reference": protocol,
+        "dense_before_pruning": mlm("dense"),
         "pruned_before_recovery": mlm("hard_pruned"),
         "sparsity_before_hard_prune": controller.pre_prune_sparsity,
         "steps": {
@@ -193,6 +267,8 @@ def prune_pipeline(args) -> dict:
         "dataset": dataset_name,
         "seq_len": seq_len,
         "batch_size": args.batch_size,
+        "lr": args.lr,
+        "head_lr_scale": args.head_lr_scale,
         "world_size": _world_size(),
         "masks_identical_on_all_ranks": controller.ranks_agree,
         "mask_digest": controller.mask_digest,
@@ -204,7 +280,7 @@ def prune_pipeline(args) -> dict:
         report["note"] = (
             "the checkpoint has no masked-LM head: it was initialised fresh"
             + (" with its decoder tied to the word embeddings" if tied else "")
-            + "; the dense reference is measured after the dense steps trained it"
+            + f"; it trains at {args.head_lr_scale:g}x the learning rate"
         )
     if trainer.is_world_process_zero():
         trainer.save_model(partial)

@@ -28,7 +28,7 @@ def load_layers(model_dir: str, block=None) -> tuple[dict, dict[str, torch.Tenso
     if report.get("layers"):
         names = [row["name"] for row in report["layers"]]
     else:
-        names = [n for n in weights if _default_pruned(n)]
+        names = _default_pruned(model_dir, weights)
     missing = [n for n in names if n not in weights]
     if missing:
         raise UsageError(f"{model_dir!r}: weight {missing[0]!r} named in {T.REPORT_FILE} is not in the model")
@@ -38,16 +38,22 @@ def load_layers(model_dir: str, block=None) -> tuple[dict, dict[str, torch.Tenso
     return {**report, "block_size": list(block)}, {n: weights[n] for n in names}
 
 
-def _default_pruned(name: str) -> bool:
-    import re
+def _default_pruned(model_dir: str, weights: dict) -> list[str]:
+    """Names in `weights` that `rpp_triton.param_groups` prunes by default, found by building the
+    model's base architecture from its config on the meta device (no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModel
 
-    from rpp_triton.optim import _ENCODER_LAYER
+    from rpp_triton import param_groups
 
-    return (
-        name.endswith(".weight")
-        and bool(_ENCODER_LAYER.search(name))
-        and not re.search(r"LayerNorm|norm", name)
-    )
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            base = AutoModel.from_config(config)
+        pruned = set(param_groups(base)[0]["param_names"])
+    except Exception:
+        return []
+    # Saved task models prefix the base model's names (`bert.encoder...`).
+    return [n for n in weights if n in pruned or n.partition(".")[2] in pruned]
 
 
 def _read_weights(model_dir: str) -> dict[str, torch.Tensor]:

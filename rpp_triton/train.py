@@ -72,7 +72,7 @@ def tile_mask(w: torch.Tensor, block) -> torch.Tensor:
 def sparsity_of(tensors) -> float:
     zeros = total = 0
     for w in tensors:
-        zeros += int((w == 0).sum())
+        zeros += w.numel() - _nonzeros(w)
         total += w.numel()
     return zeros / total if total else 0.0
 
@@ -100,14 +100,35 @@ def hard_prune(named: list[tuple[str, torch.Tensor]], target: float, block, scor
 
 
 def freeze_with_masks(optimizer, named: list[tuple[str, torch.Tensor]], masks: dict) -> None:
-    """Freeze the optimizer's masks at exactly `masks`. `freeze_masks()` keeps the non-zero tiles;
-    a kept tile that RPP had already zeroed (the sparsity overshot the target) is kept as well, so
-    the recovery steps grow it back and the pruned share stays the target."""
-    optimizer.freeze_masks()
-    for name, p in named:
-        state = optimizer.state.get(p, {})
-        if "mask" in state and state["mask"].shape == p.shape:
-            state["mask"].copy_(masks[name].to(state["mask"].dtype))
+    """Freeze the optimizer's masks at exactly `masks` ({name: bool mask}). A kept tile that RPP
+    had already zeroed (the sparsity overshot the target) stays kept, so the recovery steps grow
+    it back and the pruned share stays the target."""
+    optimizer.freeze_masks({p: masks[name] for name, p in named})
+
+
+def count_sparsity(optimizer) -> float:
+    """Share of zeros over the pruned weights. On the GPU the optimizer adds up the kernel's own
+    non-zero counts; on the CPU numpy's `count_nonzero` takes ~10 ms for MiniLM's 10.6M pruned
+    weights, where `(w == 0).sum()` took ~1 s on this shared 2-core machine."""
+    named = pruned_named_params(optimizer)
+    if any(p.is_cuda for _, p in named):
+        return optimizer.sparsity()
+    total = sum(p.numel() for _, p in named)
+    kept = sum(_count_nonzero(p.detach()) for _, p in named)
+    return 1.0 - kept / total if total else 0.0
+
+
+def _nonzeros(w: torch.Tensor) -> int:
+    w = w.detach()
+    return _count_nonzero(w) if w.device.type == "cpu" else int(torch.count_nonzero(w))
+
+
+def _count_nonzero(w: torch.Tensor) -> int:
+    if w.dtype in (torch.float32, torch.float64, torch.float16):
+        import numpy as np
+
+        return int(np.count_nonzero(w.numpy()))
+    return int(torch.count_nonzero(w))
 
 
 def pruned_named_params(optimizer) -> list[tuple[str, torch.Tensor]]:
@@ -127,7 +148,7 @@ def layer_table(named: list[tuple[str, torch.Tensor]], block) -> list[dict]:
             {
                 "name": name,
                 "shape": list(w.shape),
-                "sparsity": float((w == 0).sum()) / w.numel(),
+                "sparsity": 1.0 - _nonzeros(w) / w.numel(),
                 "tiles_kept": int(tiles.sum()),
                 "tiles": tiles.numel(),
             }
@@ -222,7 +243,8 @@ class SparsityController(_trainer_callback_base()):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         named = pruned_named_params(self.optimizer)
-        self.last_sparsity = sparsity_of(w for _, w in named)
+        if step >= self.dense_steps:  # nothing is pruned before then
+            self.last_sparsity = count_sparsity(self.optimizer)
         if step == self.dense_steps and self.dense_steps > 0:
             control.should_evaluate = True
         if step < self.dense_steps:
@@ -239,7 +261,7 @@ class SparsityController(_trainer_callback_base()):
             freeze_with_masks(self.optimizer, named, masks)
             self._set_lambda(0.0)
             self.hard_pruned = True
-            self.last_sparsity = sparsity_of(w for _, w in named)
+            self.last_sparsity = count_sparsity(self.optimizer)
             self.mask_digest = mask_digest(named)
             self.ranks_agree = ranks_agree(self.mask_digest)
             if self.recovery_steps > 0:
@@ -307,20 +329,101 @@ class SparsityController(_trainer_callback_base()):
         self.last_sparsity = state.get("last_sparsity", 0.0)
 
 
+def mlm_head(model):
+    """The masked-LM head module of a `*ForMaskedLM` model (BERT's `cls`, RoBERTa's `lm_head`), or
+    None where the model has neither."""
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    return None
+
+
+class MaskedPositions:
+    """Forward pre-hook on the masked-LM head: while `select` is set, only the positions it marks
+    (the ~15% that carry a label) reach the head. MiniLM's head projects 384 features onto 30522
+    words, more arithmetic than the whole encoder when it runs on every position."""
+
+    def __init__(self, head):
+        self.select = None
+        head.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if self.select is None:
+            return None
+        return (args[0][self.select], *args[1:])
+
+    def loss(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy over the labelled positions, their predictions, their labels)."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        self.select = labels != -100
+        try:
+            logits = model(**inputs).logits
+        finally:
+            select, self.select = self.select, None
+        target = labels[select]
+        if target.numel() == 0:
+            return logits.sum() * 0.0, target, target
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        return loss, logits.argmax(-1), target
+
+
 def make_trainer_class():
     """`Trainer` whose logs carry lambda and per-layer sparsity, so TensorBoard and the training
-    log get them."""
+    log get them. With `masked_lm` set (a `MaskedPositions`) the loss and the evaluation run the
+    masked-LM head on labelled positions only."""
     from transformers import Trainer
 
     class RPPTrainer(Trainer):
         controller: SparsityController | None = None
+        masked_lm: MaskedPositions | None = None
+        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
         def log(self, logs, *args, **kwargs):
             if self.controller is not None and "loss" in logs:
                 logs = {**logs, **self.controller.log_fields()}
             return super().log(logs, *args, **kwargs)
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.masked_lm is None or return_outputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return self.masked_lm.loss(model, inputs)[0]
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            if self.masked_lm is None:
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            # Every rank scores the whole (small) held-out set with identical weights, so no gather.
+            data = eval_dataset if eval_dataset is not None else self.eval_dataset
+            metrics = {
+                f"{metric_key_prefix}_{k}": v
+                for k, v in evaluate_mlm(self.model, data, self.masked_lm, self.args.eval_batch_size).items()
+            }
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
     return RPPTrainer
+
+
+@torch.no_grad()
+def evaluate_mlm(model, blocks: list[dict], masked_lm: MaskedPositions, batch_size: int) -> dict:
+    """Masked-LM loss (mean over labelled tokens) and accuracy on pre-masked `blocks`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, correct, count = 0.0, 0, 0
+    try:
+        for start in range(0, len(blocks), batch_size):
+            rows = blocks[start : start + batch_size]
+            batch = {k: torch.tensor([r[k] for r in rows], device=device) for k in rows[0]}
+            loss, preds, labels = masked_lm.loss(model, batch)
+            loss_sum += float(loss) * labels.numel()
+            correct += int((preds == labels).sum())
+            count += labels.numel()
+    finally:
+        model.train(was_training)
+    return {"loss": loss_sum / max(count, 1), "mlm_accuracy": correct / max(count, 1)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from rpp_triton import metrics as M  # noqa: E402
 from rpp_triton import train as T  # noqa: E402
 from rpp_triton.cli import main  # noqa: E402
 
-# Small enough for ~1-2 s per run on two cores.
-FAST = ["--seq-len", "32", "--batch-size", "8", "--logging-steps", "5"]
+# Small enough for ~1-2 s per run on two cores; the same-budget dense reference (a second run) is
+# tested on its own.
+FAST = ["--seq-len", "32", "--batch-size", "8", "--logging-steps", "5", "--dense-reference", "none"]
 
 
 @pytest.fixture(autouse=True)
@@ -90,14 +91,45 @@ def test_prune_reaches_exact_target_and_loads_in_plain_transformers(files, tmp_p
         mask = masks["bert." + name].bool()
         assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
         assert torch.equal(T.tile_mask(w, (bh, bw)), mask)
-    # Dense and pruned masked-LM quality on held-out text, and the log with lambda and sparsity.
-    for key in ("dense", "pruned"):
+    # Pruned masked-LM quality on held-out text, and the log with lambda and sparsity.
+    for key in ("dense_before_pruning", "pruned"):
         assert 0.0 <= report[key]["mlm_accuracy"] <= 1.0 and np.isfinite(report[key]["mlm_loss"])
     log = json.loads((out / "training_log.json").read_text())
     steps = [e for e in log if "rpp_lambda" in e]
     assert steps and max(e["rpp_lambda"] for e in steps) > 0
     assert any(k.startswith("sparsity/bert.encoder.layer.0") for k in steps[-1])
     assert not (tmp_path / "out.partial").exists()
+
+
+def test_dense_reference_is_a_dense_run_with_the_same_budget(files, tmp_path):
+    pruned = prune(files, tmp_path / "pruned", "--dense-reference", "same-budget", steps=20, target=0.5)
+    dense = prune(files, tmp_path / "dense", steps=20, target=0.0)
+    assert pruned["steps"]["total"] == dense["steps"]["total"] == 20
+    assert dense["sparsity"] == 0.0
+    # the reference inside the pruned run is exactly what a target-0 run of the same length reaches
+    for k in ("mlm_accuracy", "mlm_loss"):
+        assert pruned["dense"][k] == pytest.approx(dense["pruned"][k], abs=1e-6)
+    assert pruned["dense"] != pruned["dense_before_pruning"]  # trained on beyond the dense phase
+    assert "same budget" in pruned["dense_reference"] and "target sparsity 0" in dense["dense_reference"]
+    assert dense["dense"] == dense["pruned"]
+    assert not (tmp_path / "pruned" / "dense-reference").exists()
+
+
+def test_masked_positions_loss_matches_the_full_head(files):
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(files["model"])
+    masked = T.MaskedPositions(T.mlm_head(model))
+    ids = torch.randint(5, model.config.vocab_size, (3, 16))
+    labels = torch.full_like(ids, -100)
+    labels[:, ::4] = ids[:, ::4]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    loss, preds, target = masked.loss(model, batch)
+    full = model(**batch)
+    torch.testing.assert_close(loss, full.loss)
+    assert torch.equal(preds, full.logits.argmax(-1)[labels != -100])
+    assert torch.equal(target, labels[labels != -100])
+    assert model(input_ids=ids).logits.shape == (3, 16, model.config.vocab_size)  # hook is off again
 
 
 def test_controller_steers_sparsity_near_target_before_hard_prune(files, tmp_path):
@@ -144,7 +176,8 @@ def test_resume_equals_uninterrupted(files, tmp_path):
     ra = json.loads((full / "rpp_report.json").read_text())
     rb = json.loads((resumed / "rpp_report.json").read_text())
     assert ra["mask_digest"] == rb["mask_digest"]
-    assert ra["dense"] == rb["dense"]  # controller state (its evaluations) came back too
+    # the controller state (its evaluations) came back too
+    assert ra["dense_before_pruning"] == rb["dense_before_pruning"]
 
 
 @pytest.mark.slow
