@@ -44,7 +44,8 @@ def main() -> None:
     for tile in (1, 32):
         for elements in (1024, 2048, 4096):
             for warps in (4, 8):
-                k.ELEMENTS_PER_PROGRAM, k.GPU_NUM_WARPS = elements, warps
+                k.ELEMENTS_PER_PROGRAM = k.ELEMENTWISE_ELEMENTS_PER_PROGRAM = elements
+                k.GPU_NUM_WARPS = warps
                 opt = rpp.RPPAdamW(params, lr=1e-4, rpp_lambda=1e-2, block_size=tile, reweight_every=1)
                 t = timed(opt.step)
                 gbytes = (32 if tile == 1 else 28) * numel / 1e9

@@ -361,9 +361,11 @@ def _adam_prox_kernel(
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Work per program and warps per program on the GPU (bench/sweep_adam_prox.py measures choices).
-# Measured on an H100 (BERT-base weights): 2048 elements and 8 warps ran the tiled step at 0.85 ms
-# (fused AdamW 0.95 ms); 8192 elements spilled registers (4-15 ms).
+# Measured on an H100 (bench/sweep_adam_prox.py, BERT-base weights, fused AdamW 0.94 ms): tiles ran
+# best with 2048 elements and 8 warps (0.85 ms), elementwise modes with 1024 and 8 (1.08 ms);
+# 8192 elements spilled registers (4-15 ms).
 ELEMENTS_PER_PROGRAM = 2048
+ELEMENTWISE_ELEMENTS_PER_PROGRAM = 1024
 GPU_NUM_WARPS = 8
 
 
@@ -406,9 +408,10 @@ def make_plan(
                     work_tensor.append(i)
                     work_start.append(r * cols + c)
     else:
-        meta = dict(BLOCK=ELEMENTS_PER_PROGRAM, TILE_H=1, TILE_W=1, BH=1, BW=1, NT=1)
+        block_elems = ELEMENTWISE_ELEMENTS_PER_PROGRAM
+        meta = dict(BLOCK=block_elems, TILE_H=1, TILE_W=1, BH=1, BW=1, NT=1)
         for i, p in enumerate(params):
-            for s in range(0, p.numel(), ELEMENTS_PER_PROGRAM):
+            for s in range(0, p.numel(), block_elems):
                 work_tensor.append(i)
                 work_start.append(s)
 
