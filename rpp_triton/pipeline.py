@@ -300,11 +300,10 @@ def _print_summary(report: dict, out: str) -> None:
             return "n/a"
         return f"accuracy {m['mlm_accuracy']:.4f}, loss {m['mlm_loss']:.4f}"
 
-    print(f"masked LM on held-out text  dense: {fmt(report['dense'])}")
-    print(
-        f"                             pruned ({report['sparsity']:.1%} sparse, "
-        f"{report['block_size'][0]}x{report['block_size'][1]} tiles): {fmt(report['pruned'])}"
-    )
+    bh, bw = report["block_size"]
+    print("masked LM on held-out text")
+    print(f"  dense, same budget:  {fmt(report['dense'])}")
+    print(f"  pruned ({report['sparsity']:.1%} sparse, {bh}x{bw} tiles): {fmt(report['pruned'])}")
     print(f"wrote {out} ({report['seconds']} s)")
 
 

@@ -2,8 +2,8 @@
 sparsity, the hard prune to exactly that target, and fine-tuning with frozen masks.
 
 One prune run is a single Trainer run of `dense_steps + rpp_steps + recovery_steps` steps:
-- dense steps (lambda = 0) fit the task head (MiniLM ships without an MLM head) and give the dense
-  reference evaluated at their end;
+- dense steps (lambda = 0) fit the task head (MiniLM ships without an MLM head) before pruning
+  starts (the dense reference the pipeline reports is a separate run of the same length);
 - RPP steps, where `SparsityController` multiplies lambda by exp(gain * gap) each step, the gap
   being the scheduled sparsity (cubic ramp from 0 to the target) minus the current one;
 - at the end of the RPP steps a hard prune keeps exactly the (1 - target) share of tiles with the
