@@ -26,6 +26,8 @@ import time
 import torch
 
 CONFIGS = [(0.0, 1)] + [(s, b) for s in (0.5, 0.7, 0.8, 0.9) for b in (1, 32)]
+# The ends of the range first, so a run cut short by its budget still spans it.
+RUN_ORDER = [(0.0, 1), (0.5, 1), (0.9, 1), (0.5, 32), (0.9, 32), (0.7, 1), (0.7, 32), (0.8, 1), (0.8, 32)]
 
 
 def key(sparsity: float, block: int) -> str:
@@ -125,14 +127,14 @@ def main() -> int:
     p.add_argument("--output", default="bench/results/quality_cpu.json")
     p.add_argument("--markdown", default="bench/results/quality_cpu.md")
     p.add_argument("--work-dir", default="runs/quality")
-    p.add_argument("--budget-minutes", type=float, default=34.0)
-    p.add_argument("--prune-steps", type=int, default=40)
+    p.add_argument("--budget-minutes", type=float, default=35.0)
+    p.add_argument("--prune-steps", type=int, default=100)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-blocks", type=int, default=48)
-    p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--finetune-steps", type=int, default=48)
     p.add_argument("--finetune-batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--max-length", type=int, default=64)
     opts = p.parse_args()
 
     results = {}
@@ -149,7 +151,7 @@ def main() -> int:
     started = time.time()
     durations = [r["prune_seconds"] + r["finetune_seconds"] for r in results.values()]
     with open(os.path.join(opts.work_dir, "quality.log"), "a") as log:
-        for s, b in CONFIGS:
+        for s, b in RUN_ORDER:
             if key(s, b) in results:
                 continue
             elapsed = time.time() - started
