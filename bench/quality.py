@@ -78,6 +78,12 @@ def one_config(sparsity: float, block: int, opts, work: str, log) -> dict:
 
 
 def markdown(results: dict, opts, meta: dict) -> str:
+    from collections import Counter
+
+    from rpp_triton.data import pydoc_topic_task
+
+    task = pydoc_topic_task()
+    majority = max(Counter(r["label"] for r in task.eval).values()) / len(task.eval)
     lines = [
         "# Quality against sparsity: embedded default on CPU",
         "",
@@ -94,13 +100,14 @@ def markdown(results: dict, opts, meta: dict) -> str:
         "frozen masks). Masked-LM accuracy: held-out blocks masked once with a fixed seed (15%).",
         f"- downstream: `rpp-triton finetune --max-steps {opts.finetune_steps} --max-length "
         f"{opts.max_length} --batch-size {opts.finetune_batch_size}` on pydoc-topics (which of 8 "
-        "documentation topics a ~200-character passage comes from; 768 train / 192 held-out "
-        "passages; chance 12.5%), masks frozen.",
+        f"documentation topics a ~200-character passage comes from; {len(task.train)} train / "
+        f"{len(task.eval)} held-out passages; always answering the most common topic scores "
+        f"{majority:.4f}), masks frozen.",
         "- Dense row: the same prune command with `--target-sparsity 0`, i.e. the same number of "
         "steps, data order and learning rates with lambda = 0: every row had the same budget.",
-        f"- These runs are short ({opts.prune_steps} + {opts.finetune_steps} steps) so the whole table "
-        "fits ~35 minutes on this 2-core machine; absolute accuracies are far below a full "
-        "pre-training run and differences of a few points are within run-to-run noise.",
+        f"- These runs are short ({opts.prune_steps} + {opts.finetune_steps} steps, one seed) so the "
+        "whole table fits ~35 minutes on this shared 2-core machine; absolute accuracies are far "
+        "below a full pre-training run and differences of a few points are within run-to-run noise.",
         "",
         "| target sparsity | tiles | sparsity | masked-LM acc | masked-LM loss | topic acc | topic macro-F1 "
         "| prune s | finetune s |",
@@ -135,12 +142,19 @@ def main() -> int:
     p.add_argument("--finetune-steps", type=int, default=48)
     p.add_argument("--finetune-batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
     opts = p.parse_args()
 
-    results = {}
+    results, saved = {}, {}
     if os.path.isfile(opts.output):
         with open(opts.output) as f:
-            results = json.load(f).get("results", {})
+            saved = json.load(f)
+        results = saved.get("results", {})
+    if opts.render_only:
+        settings = argparse.Namespace(**{**vars(opts), **saved.get("settings", {})})
+        with open(opts.markdown, "w") as f:
+            f.write(markdown(results, settings, saved["meta"]))
+        return 0
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
