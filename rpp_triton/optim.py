@@ -233,14 +233,16 @@ class RPPAdamW(torch.optim.Optimizer):
         for p, state in zip(params, states):
             flags = self._flags(group, state)
             bias1, bias2 = bias_corrections(beta1, beta2, state["step"])
-            flat = [t.view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+            # detach(): the compiled graph must not see p.grad through p (a bf16 .grad on an fp32 weight
+            # trips its fake tensors); writes still land in p and bump its version counter.
+            flat = [t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
             if flags["prune"] and not flags["frozen"] and block != (1, 1):
                 # Tiles: Adam in one compiled pass, then PyTorch's own reduction for the tile norms
                 # and one in-place broadcast multiply (compiled, the tile view made inductor emit
                 # several strided loops: ~90x slower than these two eager ops on [3072, 768]).
                 skipped = _fast(adamw_step_ref)(*flat, bias1=bias1, bias2=bias2, **adam)
                 tile_prox_step_ref(
-                    p.data,
+                    p.detach(),
                     state["alpha"],
                     tau=tau,
                     block=block,
@@ -296,7 +298,7 @@ class RPPAdamW(torch.optim.Optimizer):
                 auxes = [None] * len(ps)
             bias1, bias2 = bias_corrections(beta1, beta2, step)
             plan = k.adam_prox(
-                [p.data for p in ps],
+                [p.detach() for p in ps],
                 [p.grad for p in ps],
                 [s["exp_avg"] for s in sts],
                 [s["exp_avg_sq"] for s in sts],
