@@ -52,7 +52,11 @@ def tile_rms_ref(x: torch.Tensor, block: Block) -> torch.Tensor:
     """rms(x_B) = sqrt(mean(x_B ** 2)) per tile, shape [out/bh, in/bw]; |x| for 1x1 tiles."""
     if block == (1, 1):
         return x.abs()
-    return tiles_ref(x, block).square().mean(dim=(1, 3)).sqrt()
+    bh, bw = block
+    # Row segments first (contiguous, no temporary), then the bh rows of each tile: on the CPU this
+    # ran ~8x faster than one reduction over the strided tile view.
+    segments = torch.linalg.vector_norm(x.reshape(x.shape[0], x.shape[1] // bw, bw), dim=-1)
+    return (segments.square().view(x.shape[0] // bh, bh, -1).sum(dim=1) / (bh * bw)).sqrt()
 
 
 def expand_tiles(t: torch.Tensor, block: Block) -> torch.Tensor:
@@ -157,7 +161,7 @@ def tile_prox_step_ref(p, alpha, *, tau, block: Block, reweight_eps=1e-3, reweig
     rms of the result is scale_B * rms(z_B) (scale_B >= 0), so reweighting needs no second pass.
     """
     pt = tiles_ref(p, block)
-    rms = pt.square().mean(dim=(1, 3)).sqrt()
+    rms = tile_rms_ref(p, block)
     scale = torch.where(rms > 0, (1 - tau * alpha / rms).clamp_min(0), torch.zeros_like(rms))
     pt.mul_(scale[:, None, :, None])
     if reweight:
