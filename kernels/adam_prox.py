@@ -92,18 +92,22 @@ def tile_mask_ref(p: torch.Tensor, block: Block) -> torch.Tensor:
     return expand_tiles(kept, block)
 
 
-def bias_corrections(beta1: float, beta2: float, step: int) -> tuple[float, float]:
-    """Adam's (1 - beta1**t, 1 - beta2**t), computed on the host once per tensor and step."""
-    return 1.0 - beta1**step, 1.0 - beta2**step
+def adam_scalars(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
+    """Adam's bias corrections folded into two scalars, computed on the host once per step:
+    step_size = lr / (1 - beta1**t) and inv_sqrt_bias2 = 1 / sqrt(1 - beta2**t)."""
+    return lr / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step)
 
 
-def adamw_ref(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, bias1, bias2):
+def adamw_ref(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step_size, inv_sqrt_bias2):
     """One AdamW update in fp32; returns (z, m, v) without touching the inputs.
-    `bias1, bias2 = bias_corrections(beta1, beta2, t)`."""
+
+    z = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p) with m_hat = m / (1 - beta1**t),
+    v_hat = v / (1 - beta2**t), written with `adam_scalars` so each element costs one sqrt and one
+    division (three divisions made the CPU step compute-bound)."""
     g = g.float()
     m = beta1 * m + (1 - beta1) * g
     v = beta2 * v + (1 - beta2) * g * g
-    z = p - lr * ((m / bias1) / ((v / bias2).sqrt() + eps) + weight_decay * p)
+    z = p - step_size * m / (v.sqrt() * inv_sqrt_bias2 + eps) - (lr * weight_decay) * p
     return z, m, v
 
 
@@ -114,8 +118,8 @@ def adamw_step_ref(
     v,
     alpha=None,
     *,
-    bias1,
-    bias2,
+    step_size,
+    inv_sqrt_bias2,
     lr,
     beta1,
     beta2,
@@ -140,8 +144,8 @@ def adamw_step_ref(
         beta2=beta2,
         eps=eps,
         weight_decay=weight_decay,
-        bias1=bias1,
-        bias2=bias2,
+        step_size=step_size,
+        inv_sqrt_bias2=inv_sqrt_bias2,
     )
     bad = g.isfinite().logical_not()
     if soft_tau is not None:
@@ -176,8 +180,8 @@ def rpp_step_ref(
     alpha: torch.Tensor | None,
     mask: torch.Tensor | None,
     *,
-    bias1: float,
-    bias2: float,
+    step_size: float,
+    inv_sqrt_bias2: float,
     lr: float,
     beta1: float,
     beta2: float,
@@ -192,13 +196,21 @@ def rpp_step_ref(
 ) -> torch.Tensor:
     """One RPP step for one parameter, in place on p, m, v (and alpha on reweight steps).
 
-    `bias1, bias2 = bias_corrections(beta1, beta2, t)` with t the parameter's step count.
+    `step_size, inv_sqrt_bias2 = adam_scalars(lr, beta1, beta2, t)` with t the parameter's step count.
     z = AdamW(p);  not pruned: p = z;  frozen: p = z * mask;  otherwise p = prox(z, lr *
     rpp_lambda * alpha) per tile and, on reweight steps, alpha = 1 / (rms(p_B) + reweight_eps).
     Elements with a NaN or Inf gradient skip the Adam update (their z is the old p); returns how
     many, as a 0-d int64 tensor.
     """
-    adam = dict(bias1=bias1, bias2=bias2, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    adam = dict(
+        step_size=step_size,
+        inv_sqrt_bias2=inv_sqrt_bias2,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
     pruning = prune and not frozen
     if pruning and block == (1, 1):
         return adamw_step_ref(
@@ -242,8 +254,8 @@ def _adam_prox_kernel(
     beta2,
     eps,
     weight_decay,
-    bias1,
-    bias2,
+    step_size,
+    inv_sqrt_bias2,
     tau,
     reweight_eps,
     MODE: tl.constexpr,
@@ -316,7 +328,7 @@ def _adam_prox_kernel(
 
     m_new = beta1 * m + (1 - beta1) * g
     v_new = beta2 * v + (1 - beta2) * g * g
-    z = p - lr * ((m_new / bias1) / (tl.sqrt(v_new / bias2) + eps) + weight_decay * p)
+    z = p - step_size * m_new / (tl.sqrt(v_new) * inv_sqrt_bias2 + eps) - (lr * weight_decay) * p
     # NaN or Inf in g: keep the element as it was (z = p, moments unchanged) and count it.
     ok = (g == g) & (tl.abs(g) != float("inf"))
     z = tl.where(ok, z, p)
@@ -497,8 +509,8 @@ def adam_prox(
     beta2: float,
     eps: float,
     weight_decay: float,
-    bias1: float,
-    bias2: float,
+    step_size: float,
+    inv_sqrt_bias2: float,
     rpp_lambda: float = 0.0,
     reweight_eps: float = 1e-3,
     mode: int = MODE_ADAMW,
@@ -567,8 +579,8 @@ def adam_prox(
         beta2,
         eps,
         weight_decay,
-        bias1,
-        bias2,
+        step_size,
+        inv_sqrt_bias2,
         lr * rpp_lambda,
         reweight_eps,
         MODE=mode,

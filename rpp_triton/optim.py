@@ -15,9 +15,9 @@ from torch import nn
 
 from rpp_triton.backend import check_backend, resolve
 from rpp_triton.kernels.adam_prox import (
+    adam_scalars,
     adamw_step_ref,
     as_block,
-    bias_corrections,
     rpp_step_ref,
     tile_mask_ref,
     tile_prox_step_ref,
@@ -232,7 +232,7 @@ class RPPAdamW(torch.optim.Optimizer):
         tau = group["lr"] * group["rpp_lambda"]
         for p, state in zip(params, states):
             flags = self._flags(group, state)
-            bias1, bias2 = bias_corrections(beta1, beta2, state["step"])
+            step_size, inv_sqrt_bias2 = adam_scalars(group["lr"], beta1, beta2, state["step"])
             # detach(): the compiled graph must not see p.grad through p (a bf16 .grad on an fp32 weight
             # trips its fake tensors); writes still land in p and bump its version counter.
             flat = [t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
@@ -240,7 +240,9 @@ class RPPAdamW(torch.optim.Optimizer):
                 # Tiles: Adam in one compiled pass, then PyTorch's own reduction for the tile norms
                 # and one in-place broadcast multiply (compiled, the tile view made inductor emit
                 # several strided loops: ~90x slower than these two eager ops on [3072, 768]).
-                skipped = _fast(adamw_step_ref)(*flat, bias1=bias1, bias2=bias2, **adam)
+                skipped = _fast(adamw_step_ref)(
+                    *flat, step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2, **adam
+                )
                 tile_prox_step_ref(
                     p.detach(),
                     state["alpha"],
@@ -256,8 +258,8 @@ class RPPAdamW(torch.optim.Optimizer):
                     *flat,
                     alpha.view(-1) if alpha is not None else None,
                     mask.view(-1) if mask is not None else None,
-                    bias1=bias1,
-                    bias2=bias2,
+                    step_size=step_size,
+                    inv_sqrt_bias2=inv_sqrt_bias2,
                     rpp_lambda=group["rpp_lambda"],
                     reweight_eps=group["reweight_eps"],
                     **adam,
@@ -296,7 +298,7 @@ class RPPAdamW(torch.optim.Optimizer):
                 auxes = [s["alpha"] for s in sts]
             else:
                 auxes = [None] * len(ps)
-            bias1, bias2 = bias_corrections(beta1, beta2, step)
+            step_size, inv_sqrt_bias2 = adam_scalars(group["lr"], beta1, beta2, step)
             plan = k.adam_prox(
                 [p.detach() for p in ps],
                 [p.grad for p in ps],
@@ -309,8 +311,8 @@ class RPPAdamW(torch.optim.Optimizer):
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                bias1=bias1,
-                bias2=bias2,
+                step_size=step_size,
+                inv_sqrt_bias2=inv_sqrt_bias2,
                 rpp_lambda=group["rpp_lambda"],
                 reweight_eps=group["reweight_eps"],
                 mode=mode,

@@ -10,7 +10,7 @@ from rpp_triton.kernels.adam_prox import (
     MODE_SOFT,
     MODE_TILES,
     adam_prox,
-    bias_corrections,
+    adam_scalars,
     rpp_step_ref,
 )
 
@@ -59,10 +59,11 @@ def test_kernel_matches_reference(mode, block, shapes, gdtype, reweight):
     gs[0].view(-1)[0] = float("nan")  # a non-finite gradient element: skipped and counted
     ref = [[t.clone() if t is not None else None for t in ts] for ts in (ps, ms, vs, aux)]
     counters = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in shapes]
-    bias1, bias2 = bias_corrections(HP["beta1"], HP["beta2"], 3)
+    step_size, inv_sqrt_bias2 = adam_scalars(HP["lr"], HP["beta1"], HP["beta2"], 3)
+    sc = dict(step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2)
     kernel_aux = [a.view(torch.uint8) if a is not None and a.dtype == torch.bool else a for a in aux]
     plan = adam_prox(
-        ps, gs, ms, vs, kernel_aux, counters, **HP, bias1=bias1, bias2=bias2, rpp_lambda=2.0,
+        ps, gs, ms, vs, kernel_aux, counters, **HP, **sc, rpp_lambda=2.0,
         reweight_eps=1e-3, mode=mode, block=block, reweight=reweight,
     )  # fmt: skip
     for i in range(len(shapes)):
@@ -70,7 +71,7 @@ def test_kernel_matches_reference(mode, block, shapes, gdtype, reweight):
         alpha = ra if mode in (MODE_SOFT, MODE_TILES) else None
         mask = ra if mode == MODE_FROZEN else None
         rpp_step_ref(
-            rp, gs[i], rm, rv, alpha, mask, **HP, bias1=bias1, bias2=bias2, rpp_lambda=2.0, reweight_eps=1e-3,
+            rp, gs[i], rm, rv, alpha, mask, **HP, **sc, rpp_lambda=2.0, reweight_eps=1e-3,
             block=block if mode == MODE_TILES else (1, 1), prune=mode != MODE_ADAMW,
             frozen=mode == MODE_FROZEN, reweight=reweight,
         )  # fmt: skip
@@ -175,7 +176,7 @@ def test_plan_is_reused_while_tensors_stay_put():
 
 def test_launcher_rejects_bad_input():
     p = torch.randn(4, device=DEVICE)
-    ok = dict(**HP, bias1=0.1, bias2=0.01)
+    ok = dict(**HP, step_size=0.1, inv_sqrt_bias2=10.0)
     with pytest.raises(ValueError, match="at least one"):
         adam_prox([], [], [], [], [], [], **ok)
     with pytest.raises(ValueError, match="float32"):
