@@ -22,7 +22,9 @@ import rpp_triton as rpp
 from rpp_triton.kernels.adam_prox import tiles_ref
 
 HAS_CUDA = torch.cuda.is_available()
-CPU_THREADS = int(os.environ.get("RPP_BENCH_CPU_THREADS", "2"))
+# One thread by default: with 2 OpenMP threads on a 2-core machine that anything else is using, a
+# thread that loses its core stalls the other at every barrier (fused AdamW went from 42 to 580 ms).
+CPU_THREADS = int(os.environ.get("RPP_BENCH_CPU_THREADS", "1"))
 
 
 def bert_shapes(layers: int, hidden: int, ffn: int) -> list[tuple[int, int]]:
