@@ -21,7 +21,9 @@ from torch import nn
 import rpp_triton as rpp
 
 HAS_CUDA = torch.cuda.is_available()
-CPU_THREADS = int(os.environ.get("BSMM_CPU_THREADS", "2"))
+# One thread by default: two OpenMP threads on a shared 2-core machine stall each other (see
+# bench_adam_prox.py); BSMM_CPU_THREADS=2 on an idle machine.
+CPU_THREADS = int(os.environ.get("BSMM_CPU_THREADS", "1"))
 GPU_INNER = 10
 M = 8192  # BERT-base tokens per batch: 64 sequences of 128
 
