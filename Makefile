@@ -17,7 +17,7 @@ lint:
 	$(PYTHON) -m ruff format --check .
 
 test: lint
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} TRITON_INTERPRET=1 $(PYTHON) -m pytest tests -q
 
 bench:
 	$(PYTHON) -m pytest bench -q --benchmark-columns=median,iqr,rounds

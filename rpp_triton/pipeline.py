@@ -47,7 +47,7 @@ def _argmax_logits(logits, labels):
     return logits.argmax(-1)
 
 
-def _world_size() -> int:
+def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -269,7 +269,7 @@ def prune_pipeline(args) -> dict:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "head_lr_scale": args.head_lr_scale,
-        "world_size": _world_size(),
+        "world_size": world_size(),
         "masks_identical_on_all_ranks": controller.ranks_agree,
         "mask_digest": controller.mask_digest,
         "newly_initialised": head_new,
@@ -311,7 +311,7 @@ def _print_summary(report: dict, out: str) -> None:
 # Fine-tuning with frozen masks
 
 
-def _source_pruning(model_dir: str) -> tuple[dict | None, dict | None]:
+def source_pruning(model_dir: str) -> tuple[dict | None, dict | None]:
     """(rpp_report.json, masks) of a pruned model directory, or (None, None) for a plain model."""
     report = masks = None
     if os.path.isdir(model_dir):
@@ -331,7 +331,7 @@ def _source_pruning(model_dir: str) -> tuple[dict | None, dict | None]:
     return report, masks
 
 
-def _apply_masks(model, masks: dict) -> None:
+def apply_masks(model, masks: dict) -> None:
     params = dict(model.named_parameters())
     prefix = model.base_model_prefix + "."
     with torch.no_grad():
@@ -356,6 +356,26 @@ def _task_metrics(spec):
     return compute
 
 
+def finetune_training_arguments(partial: str, args, **extra):
+    """TrainingArguments shared by every frozen-mask fine-tuning (classification, QA)."""
+    return common.training_arguments(
+        partial,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0.1,
+        save_steps=args.save_steps or 1,
+        save_strategy="steps" if args.save_steps else "no",
+        save_total_limit=None if args.keep_checkpoints else 2,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        eval_strategy="no",
+        **extra,
+    )
+
+
 def finetune_pipeline(args) -> dict:
     """Run `rpp-triton finetune`; returns the report written to finetune_report.json."""
     from transformers import (
@@ -373,7 +393,7 @@ def finetune_pipeline(args) -> dict:
     if args.resume_from_checkpoint:
         T.check_checkpoint(args.resume_from_checkpoint)
     model_name, _ = common.resolve_model(args.model)
-    source_report, masks = _source_pruning(model_name)
+    source_report, masks = source_pruning(model_name)
     task = D.load_task(
         args.task,
         args.train_file,
@@ -406,7 +426,7 @@ def finetune_pipeline(args) -> dict:
     model = common.load_pretrained(AutoModelForSequenceClassification, model_name, **kwargs)
     block = tuple(source_report["block_size"]) if source_report else (1, 1)
     if masks:
-        _apply_masks(model, masks)
+        apply_masks(model, masks)
     try:
         optimizer = RPPAdamW(
             param_groups(
@@ -421,22 +441,7 @@ def finetune_pipeline(args) -> dict:
     sparsity_before, digest_before = T.sparsity_of(w for _, w in named), T.mask_digest(named)
 
     T.start_partial(partial, args.resume_from_checkpoint)
-    targs = common.training_arguments(
-        partial,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps or -1,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=0.1,
-        save_steps=args.save_steps or 1,
-        save_strategy="steps" if args.save_steps else "no",
-        save_total_limit=None if args.keep_checkpoints else 2,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        eval_strategy="no",
-    )
+    targs = finetune_training_arguments(partial, args, per_device_eval_batch_size=args.batch_size)
     trainer = T.make_trainer_class()(
         model=model,
         args=targs,
@@ -467,7 +472,7 @@ def finetune_pipeline(args) -> dict:
         "train_examples": len(train_rows),
         "eval_examples": len(eval_rows),
         "steps": trainer.state.global_step,
-        "world_size": _world_size(),
+        "world_size": world_size(),
         "seconds": round(time.time() - started, 1),
     }
     if trainer.is_world_process_zero():

@@ -668,7 +668,7 @@ def finetune_qa(args) -> dict:
     from rpp_triton import RPPAdamW, param_groups
     from rpp_triton import train as T
     from rpp_triton.commands import common
-    from rpp_triton.pipeline import _apply_masks, _source_pruning, _world_size
+    from rpp_triton.pipeline import apply_masks, finetune_training_arguments, source_pruning, world_size
 
     qa_defaults(args)
     started = time.time()
@@ -676,7 +676,7 @@ def finetune_qa(args) -> dict:
     if args.resume_from_checkpoint:
         T.check_checkpoint(args.resume_from_checkpoint)
     model_name, _ = common.resolve_model(args.model)
-    source_report, masks = _source_pruning(model_name)
+    source_report, masks = source_pruning(model_name)
     data = load_qa_task(args.task, args.train_file, args.validation_file)
     tokenizer = common.load_pretrained(AutoTokenizer, model_name)
     skipped = collections.Counter(data.skipped)
@@ -688,7 +688,7 @@ def finetune_qa(args) -> dict:
     model = common.load_pretrained(AutoModelForQuestionAnswering, model_name)
     block = tuple(source_report["block_size"]) if source_report else (1, 1)
     if masks:
-        _apply_masks(model, masks)
+        apply_masks(model, masks)
     try:
         optimizer = RPPAdamW(
             param_groups(
@@ -713,21 +713,7 @@ def finetune_qa(args) -> dict:
     metrics_before, _ = score("before fine-tuning")
 
     T.start_partial(partial, args.resume_from_checkpoint)
-    targs = common.training_arguments(
-        partial,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps or -1,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr,
-        lr_scheduler_type="linear",
-        warmup_steps=0.1,
-        save_steps=args.save_steps or 1,
-        save_strategy="steps" if args.save_steps else "no",
-        save_total_limit=None if args.keep_checkpoints else 2,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        eval_strategy="no",
-    )
+    targs = finetune_training_arguments(partial, args)
     trainer = T.make_trainer_class()(
         model=model,
         args=targs,
@@ -761,7 +747,7 @@ def finetune_qa(args) -> dict:
         "max_length": args.max_length,
         "doc_stride": args.doc_stride,
         "steps": trainer.state.global_step,
-        "world_size": _world_size(),
+        "world_size": world_size(),
         "seconds": round(time.time() - started, 1),
     }
     if trainer.is_world_process_zero():
