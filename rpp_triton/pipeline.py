@@ -356,6 +356,27 @@ def _task_metrics(spec):
     return compute
 
 
+def frozen_mask_optimizer(model, masks: dict | None, source_report: dict | None, args):
+    """RPPAdamW over `model` with the pruned model's masks applied and frozen, for fine-tuning.
+    Returns the optimizer, its pruned (name, parameter) pairs and the tile shape."""
+    from rpp_triton import RPPAdamW, param_groups
+
+    block = tuple(source_report["block_size"]) if source_report else (1, 1)
+    if masks:
+        apply_masks(model, masks)
+    try:
+        optimizer = RPPAdamW(
+            param_groups(
+                model, lr=args.lr, weight_decay=args.weight_decay, block_size=block, backend=args.backend
+            ),
+            lr=args.lr,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    optimizer.freeze_masks()
+    return optimizer, T.pruned_named_params(optimizer), block
+
+
 def finetune_training_arguments(partial: str, args, **extra):
     """TrainingArguments shared by every frozen-mask fine-tuning (classification, QA)."""
     return common.training_arguments(
@@ -385,7 +406,6 @@ def finetune_pipeline(args) -> dict:
         set_seed,
     )
 
-    from rpp_triton import RPPAdamW, param_groups
     from rpp_triton import data as D
 
     started = time.time()
@@ -424,20 +444,7 @@ def finetune_pipeline(args) -> dict:
         kwargs["id2label"] = dict(enumerate(task.label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
     model = common.load_pretrained(AutoModelForSequenceClassification, model_name, **kwargs)
-    block = tuple(source_report["block_size"]) if source_report else (1, 1)
-    if masks:
-        apply_masks(model, masks)
-    try:
-        optimizer = RPPAdamW(
-            param_groups(
-                model, lr=args.lr, weight_decay=args.weight_decay, block_size=block, backend=args.backend
-            ),
-            lr=args.lr,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    optimizer.freeze_masks()
-    named = T.pruned_named_params(optimizer)
+    optimizer, named, block = frozen_mask_optimizer(model, masks, source_report, args)
     sparsity_before, digest_before = T.sparsity_of(w for _, w in named), T.mask_digest(named)
 
     T.start_partial(partial, args.resume_from_checkpoint)

@@ -665,10 +665,14 @@ def finetune_qa(args) -> dict:
     Trainer, optimizer groups and atomic output as the classification fine-tuning."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, DataCollatorWithPadding, set_seed
 
-    from rpp_triton import RPPAdamW, param_groups
     from rpp_triton import train as T
     from rpp_triton.commands import common
-    from rpp_triton.pipeline import apply_masks, finetune_training_arguments, source_pruning, world_size
+    from rpp_triton.pipeline import (
+        finetune_training_arguments,
+        frozen_mask_optimizer,
+        source_pruning,
+        world_size,
+    )
 
     qa_defaults(args)
     started = time.time()
@@ -686,20 +690,7 @@ def finetune_qa(args) -> dict:
 
     set_seed(args.seed)
     model = common.load_pretrained(AutoModelForQuestionAnswering, model_name)
-    block = tuple(source_report["block_size"]) if source_report else (1, 1)
-    if masks:
-        apply_masks(model, masks)
-    try:
-        optimizer = RPPAdamW(
-            param_groups(
-                model, lr=args.lr, weight_decay=args.weight_decay, block_size=block, backend=args.backend
-            ),
-            lr=args.lr,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    optimizer.freeze_masks()
-    named = T.pruned_named_params(optimizer)
+    optimizer, named, block = frozen_mask_optimizer(model, masks, source_report, args)
     sparsity_before, digest_before = T.sparsity_of(w for _, w in named), T.mask_digest(named)
 
     def score(label):
