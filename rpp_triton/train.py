@@ -374,11 +374,25 @@ def make_trainer_class():
     log get them. With `masked_lm` set (a `MaskedPositions`) the loss and the evaluation run the
     masked-LM head on labelled positions only."""
     from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
+
+    class ConsoleProgress(ProgressCallback):
+        """The progress bar's log lines without the per-layer sparsity (TensorBoard and
+        training_log.json keep it): 36+ numbers per line buried the loss and lambda."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = {k: v for k, v in (logs or {}).items() if not k.startswith("sparsity/")}
+            return super().on_log(args, state, control, logs=logs, **kwargs)
 
     class RPPTrainer(Trainer):
         controller: SparsityController | None = None
         masked_lm: MaskedPositions | None = None
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.pop_callback(ProgressCallback) is not None:
+                self.add_callback(ConsoleProgress)
 
         def log(self, logs, *args, **kwargs):
             if self.controller is not None and "loss" in logs:
