@@ -25,19 +25,6 @@ from rpp_triton.kernels.adam_prox import (
 
 __all__ = ["RPPAdamW", "param_groups"]
 
-_OPTIONS = (
-    "lr",
-    "betas",
-    "eps",
-    "weight_decay",
-    "rpp_lambda",
-    "reweight_eps",
-    "reweight_every",
-    "block_size",
-    "backend",
-)
-
-
 def _compile_enabled() -> bool:
     return os.environ.get("RPP_TRITON_COMPILE", "1") not in ("0", "", "false", "no")
 
