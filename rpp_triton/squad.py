@@ -510,6 +510,71 @@ def prepare_eval_features(
 # Post-processing: logits to answer texts
 
 
+@dataclass
+class BestSpan:
+    """The best answer span of one example over all its windows. `start` / `end` are character
+    offsets into the context (both 0 and `text` empty when no window holds a valid span); `score` is
+    the span's start + end logit sum and `null_score` the [CLS] start + end sum, lowest over the
+    windows (-inf / +inf when there is none). `window` / `null_window` index the features that
+    gave them (-1 when none), and `start_token` / `end_token` are token positions in `window`."""
+
+    text: str = ""
+    start: int = 0
+    end: int = 0
+    score: float = float("-inf")
+    null_score: float = float("inf")
+    window: int = -1
+    null_window: int = -1
+    start_token: int = 0
+    end_token: int = 0
+
+    @property
+    def null_margin(self) -> float:
+        """Null score minus the best span's score (+inf when there is no span)."""
+        return self.null_score - self.score if self.window >= 0 else float("inf")
+
+
+def best_spans(
+    examples: list[dict],
+    features: list[dict],
+    start_logits,
+    end_logits,
+    n_best: int = 20,
+    max_answer_length: int = 30,
+) -> list[BestSpan]:
+    """Per example (in order), the best `start + end` logit sum over its windows among the
+    `n_best` highest starts and ends, with `start <= end < start + max_answer_length` and both
+    inside the context; plus the null score. Features need `example_index` and `offsets`."""
+    import numpy as np
+
+    by_example = collections.defaultdict(list)
+    for k, (f, s, e) in enumerate(zip(features, start_logits, end_logits)):
+        by_example[f["example_index"]].append((k, f["offsets"], np.asarray(s), np.asarray(e)))
+    spans = []
+    for idx, ex in enumerate(examples):
+        best = BestSpan()
+        for k, offsets, s, e in by_example.get(idx, []):
+            n = min(len(offsets), len(s))
+            if float(s[0] + e[0]) < best.null_score:
+                best.null_score, best.null_window = float(s[0] + e[0]), k
+            starts = np.argsort(s[:n])[::-1][:n_best]
+            ends = np.argsort(e[:n])[::-1][:n_best]
+            for a in starts:
+                if offsets[a] is None:
+                    continue
+                for b in ends:
+                    if offsets[b] is None or b < a or b - a + 1 > max_answer_length:
+                        continue
+                    score = float(s[a] + e[b])
+                    if score > best.score:
+                        best.score, best.window = score, k
+                        best.start_token, best.end_token = int(a), int(b)
+                        best.start, best.end = offsets[a][0], offsets[b][1]
+        best.text = ex["context"][best.start : best.end]
+        spans.append(best)
+    return spans
+
+
 def postprocess(
     examples: list[dict],
     features: list[dict],
@@ -522,32 +587,12 @@ def postprocess(
 ) -> tuple[dict[str, str], dict[str, float]]:
     """Answer texts by example id, and for each the null-answer margin (null score minus the best
     span's score; the answer is empty when it exceeds `null_threshold`, v2.0 only)."""
-    import numpy as np
-
-    by_example = collections.defaultdict(list)
-    for f, s, e in zip(features, start_logits, end_logits):
-        by_example[f["example_index"]].append((f["offsets"], np.asarray(s), np.asarray(e)))
+    spans = best_spans(examples, features, start_logits, end_logits, n_best, max_answer_length)
     predictions, null_margin = {}, {}
-    for idx, ex in enumerate(examples):
-        best_text, best_score, null_score = "", -np.inf, np.inf
-        for offsets, s, e in by_example.get(idx, []):
-            n = min(len(offsets), len(s))
-            null_score = min(null_score, float(s[0] + e[0]))
-            starts = np.argsort(s[:n])[::-1][:n_best]
-            ends = np.argsort(e[:n])[::-1][:n_best]
-            for a in starts:
-                if offsets[a] is None:
-                    continue
-                for b in ends:
-                    if offsets[b] is None or b < a or b - a + 1 > max_answer_length:
-                        continue
-                    score = float(s[a] + e[b])
-                    if score > best_score:
-                        best_score = score
-                        best_text = ex["context"][offsets[a][0] : offsets[b][1]]
-        margin = null_score - best_score if np.isfinite(best_score) else np.inf
-        null_margin[ex["id"]] = float(margin)
-        predictions[ex["id"]] = "" if version_2 and margin > null_threshold else best_text
+    for ex, span in zip(examples, spans):
+        margin = span.null_margin
+        null_margin[ex["id"]] = margin
+        predictions[ex["id"]] = "" if version_2 and margin > null_threshold else span.text
     return predictions, null_margin
 
 

@@ -51,7 +51,15 @@ def register(subparsers) -> None:
         "--on-long",
         choices=["truncate", "refuse"],
         default="truncate",
-        help="what to do with inputs over --max-tokens: truncate them or answer 413",
+        help="what to do with inputs over --max-tokens: truncate them or answer 413 "
+        "(question answering reads a long context in overlapping windows instead)",
+    )
+    lim.add_argument(
+        "--doc-stride",
+        type=int,
+        default=None,
+        help="tokens of overlap between the windows of a long question-answering context "
+        "(default: max tokens // 3)",
     )
     lim.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body size")
     lim.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds (then 503)")
@@ -100,6 +108,7 @@ def load_options(args) -> dict:
         max_tokens=args.max_tokens,
         truncate=args.on_long == "truncate",
         threads=args.threads,
+        doc_stride=args.doc_stride,
     )
 
 

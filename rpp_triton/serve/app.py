@@ -4,8 +4,9 @@ Routes: `POST /v1/embed`, `POST /v1/classify` (models with a sequence-classifica
 `POST /v1/qa` (models with a question-answering head), `GET /health`, `GET /metrics`, `/docs`.
 
 Every failure a client can cause is a 4xx with `{"error": {"type", "message"}}`: malformed JSON
-(400), wrong types or empty input lists (422), too many inputs, too-long inputs or a too-large body
-(413), a full queue (429). Not ready yet, shutting down or timed out is 503 (with Retry-After).
+(400), wrong types, empty input lists or an empty question or context (422), too many inputs,
+too-long inputs or a too-large body (413), a full queue (429). Not ready yet, shutting down or
+timed out is 503 (with Retry-After).
 
 `build_app(get_service)` wires the routes to a `Service` (a predictor plus a way to run batches);
 `create_app(load, config)` is the single-machine server: it loads the model in the background, so
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rpp_triton.serve.batching import BatcherClosed, DynamicBatcher, QueueFull, RequestTimeout
-from rpp_triton.serve.predictor import InputTooLong, Predictor
+from rpp_triton.serve.predictor import InputTooLong, Predictor, QuestionTooLong
 
 log = logging.getLogger("rpp_triton.serve")
 
@@ -362,7 +363,7 @@ class ClassifyResponse(BaseModel):
 class QAItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     question: str
-    context: str
+    context: str = Field(description="any length: a long context is read in overlapping windows")
 
 
 class QARequest(BaseModel):
@@ -371,18 +372,33 @@ class QARequest(BaseModel):
         json_schema_extra={"examples": [{"inputs": {"question": "Who?", "context": "Ada wrote it."}}]},
     )
     inputs: QAItem | list[QAItem]
+    allow_no_answer: bool = Field(
+        False,
+        description="answer empty (no_answer: true) when the null score beats the best span by more "
+        "than null_threshold (SQuAD v2.0); otherwise the best span is always returned",
+    )
+    null_threshold: float = Field(
+        0.0,
+        allow_inf_nan=False,
+        description="with allow_no_answer: the null_margin above which the answer is empty "
+        "(`finetune` on SQuAD v2.0 reports the best one as best_f1_thresh)",
+    )
 
 
 class Answer(BaseModel):
     answer: str
-    score: float
-    start: int
-    end: int
+    score: float = Field(description="start probability x end probability in the span's window")
+    start: int = Field(description="character offset of the answer in the context (0 when empty)")
+    end: int = Field(description="character offset just past the answer (0 when empty)")
+    null_margin: float | None = Field(
+        None, description="null score minus the best span's score, in logits (null when no span fits)"
+    )
+    no_answer: bool = Field(False, description="the null answer won (only with allow_no_answer)")
 
 
 class QAResponse(BaseModel):
     answers: list[Answer]
-    truncated: list[bool]
+    truncated: list[bool] = Field(description="always false: long contexts are windowed, never cut")
 
 
 def _as_list(inputs) -> list:
@@ -390,19 +406,19 @@ def _as_list(inputs) -> list:
     return list(inputs) if isinstance(inputs, list) else [inputs]
 
 
-def check_inputs(texts: list[str], config: ServerConfig) -> None:
+def check_inputs(texts: list[str], config: ServerConfig, per_input: int = 1) -> None:
+    """Limits on `texts`, which are `per_input` consecutive texts per input (2 for a QA pair)."""
+    n = len(texts) // per_input
     if not texts:
         raise ApiError(422, "empty_inputs", "inputs is an empty list; send at least one input")
-    if len(texts) > config.max_inputs:
-        raise ApiError(
-            413, "too_many_inputs", f"{len(texts)} inputs; the limit is {config.max_inputs} per request"
-        )
+    if n > config.max_inputs:
+        raise ApiError(413, "too_many_inputs", f"{n} inputs; the limit is {config.max_inputs} per request")
     for i, text in enumerate(texts):
         if len(text) > config.max_chars:
             raise ApiError(
                 413,
                 "input_too_long",
-                f"input {i} has {len(text)} characters; the limit is {config.max_chars}",
+                f"input {i // per_input} has {len(text)} characters; the limit is {config.max_chars}",
             )
 
 
@@ -411,11 +427,11 @@ async def _encode(encode: Callable, inputs: list, chars: int) -> list:
         if chars <= _INLINE_TOKENIZE_CHARS:
             return encode(inputs)
         return await asyncio.to_thread(encode, inputs)
-    except InputTooLong as exc:
+    except (InputTooLong, QuestionTooLong) as exc:
         raise ApiError(413, "input_too_long", str(exc)) from None
 
 
-async def _run(service: Service, encoded: list, route: str) -> list:
+async def _run(service: Service, encoded: list, route: str, n_inputs: int | None = None) -> list:
     try:
         outputs = await service.run(encoded, service.config.request_timeout_s)
     except QueueFull as exc:
@@ -424,7 +440,7 @@ async def _run(service: Service, encoded: list, route: str) -> list:
         raise ApiError(503, "timeout", str(exc), {"Retry-After": "1"}) from None
     except BatcherClosed as exc:
         raise ApiError(503, "unavailable", str(exc), {"Retry-After": "1"}) from None
-    service.metrics.inputs.labels(route).inc(len(encoded))
+    service.metrics.inputs.labels(route).inc(len(encoded) if n_inputs is None else n_inputs)
     return outputs
 
 
@@ -525,13 +541,26 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
         svc = service()
         predictor = svc.require("qa")
         items = _as_list(body.inputs)
-        check_inputs([t for it in items for t in (it.question, it.context)], svc.config)
+        check_inputs([t for it in items for t in (it.question, it.context)], svc.config, per_input=2)
+        for i, it in enumerate(items):
+            for name in ("question", "context"):
+                if not getattr(it, name).strip():
+                    raise ApiError(422, "empty_input", f"input {i} has an empty {name}")
         pairs = [(it.question, it.context) for it in items]
         chars = sum(len(q) + len(c) for q, c in pairs)
-        encoded = await _encode(predictor.encode_qa, pairs, chars)
-        outputs = await _run(svc, encoded, "/v1/qa")
-        answers = [predictor.answer(c, e, o) for (_, c), e, o in zip(pairs, encoded, outputs)]
-        return {"answers": answers, "truncated": [e.truncated for e in encoded]}
+        # One batcher input per window: windows of every request share the batches.
+        windows = await _encode(predictor.encode_qa, pairs, chars)
+        if len(windows) > svc.config.max_queue:
+            raise ApiError(
+                413,
+                "input_too_long",
+                f"the contexts make {len(windows)} windows of {predictor.max_tokens} tokens; "
+                f"the limit is {svc.config.max_queue} per request (the queue size)",
+            )
+        outputs = await _run(svc, windows, "/v1/qa", n_inputs=len(pairs))
+        threshold = body.null_threshold if body.allow_no_answer else None
+        answers = predictor.answers(pairs, windows, outputs, null_threshold=threshold)
+        return {"answers": answers, "truncated": [False] * len(pairs)}
 
     # Metrics outermost, so even the body limit's 413s are counted.
     app.add_middleware(BodyLimitMiddleware, get_service=get_service)

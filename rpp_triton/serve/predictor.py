@@ -4,12 +4,16 @@ block-sparse ones, tokenize, and run one padded batch forward.
 Every route shares one forward: a batch holds tokenized sequences, the encoder runs once, and each
 sequence gets back its mean-pooled embedding plus whatever head the model has (classification
 logits, or question-answering start/end logits). Routes only differ in tokenization (single text,
-text pair, question + context) and in post-processing, so requests of different routes can share a
-batch. A new task head is one `_HEADS` entry, one `encode_*` method and one post-processing method.
+text pair, question + context windows) and in post-processing, so requests of different routes can
+share a batch. Question answering reuses `rpp_triton.squad`: a long context becomes overlapping
+windows (`prepare_eval_features`), each window is one batch sequence, and the best span over a
+context's windows is picked as evaluation picks it (`best_spans`). A new task head is one `_HEADS`
+entry, one `encode_*` method and one post-processing method.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -39,6 +43,17 @@ class InputTooLong(ValueError):
         self.index, self.n_tokens, self.max_tokens = index, n_tokens, max_tokens
 
 
+class QuestionTooLong(ValueError):
+    """A question leaves no more than `doc_stride` tokens of its window for the context."""
+
+    def __init__(self, index: int, max_tokens: int, doc_stride: int):
+        super().__init__(
+            f"question {index} is too long: with the special tokens it leaves no more than "
+            f"{doc_stride} of the {max_tokens} tokens of a window for the context (the window overlap)"
+        )
+        self.index, self.max_tokens, self.doc_stride = index, max_tokens, doc_stride
+
+
 @dataclass
 class Encoded:
     """One tokenized sequence, ready to be padded into a batch."""
@@ -46,8 +61,10 @@ class Encoded:
     input_ids: list[int]
     token_type_ids: list[int] | None = None
     truncated: bool = False
-    # Question answering only: character span of each token in the context (None outside it).
+    # Question answering only: character span of each token in the context (None outside it),
+    # and which (question, context) pair of the request this window belongs to.
     context_offsets: list[tuple[int, int] | None] | None = None
+    example: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -74,6 +91,7 @@ class ModelInfo:
     max_tokens: int
     sparse_requested: bool
     block_size: list[int]
+    doc_stride: int = 0  # tokens of overlap between question-answering windows
     sparse_layers: int = 0
     linear_layers: int = 0
     weight_tile_sparsity: float = 0.0
@@ -150,6 +168,7 @@ class Predictor:
         max_tokens: int | None = None,
         truncate: bool = True,
         threads: int | None = None,
+        doc_stride: int | None = None,
     ) -> Predictor:
         """Load `model_dir` (a `save_pretrained` directory with its tokenizer) for inference.
 
@@ -157,6 +176,9 @@ class Predictor:
         classify route, `*ForQuestionAnswering` the qa route, anything else loads the bare encoder
         (`AutoModel`). With `sparse`, every Linear whose `block_size` tile sparsity is at least
         `min_sparsity` becomes a `BlockSparseLinear` (`rpp_triton.sparsify`).
+
+        Question answering splits a context into windows of `max_tokens` tokens that overlap by
+        `doc_stride` tokens (default `max_tokens // 3`, as `finetune` trains them).
         """
         from transformers import (
             AutoConfig,
@@ -211,6 +233,17 @@ class Predictor:
             raise ValueError(f"max_tokens={max_tokens} is above the model's {limit} positions")
         elif max_tokens < 2:
             raise ValueError("max_tokens must be at least 2 (room for the special tokens)")
+        if doc_stride is None:
+            doc_stride = max_tokens // 3
+        elif not 0 <= doc_stride < max_tokens // 2:
+            raise ValueError(
+                f"doc_stride must be in [0, max_tokens / 2) = [0, {max_tokens // 2}), got {doc_stride}"
+            )
+        if task == "qa" and not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{model_dir!r} has a question-answering head but a slow tokenizer; "
+                "question answering needs a fast one (offset mappings)"
+            )
 
         info = ModelInfo(
             model_dir=os.path.abspath(model_dir),
@@ -222,6 +255,7 @@ class Predictor:
             max_tokens=max_tokens,
             sparse_requested=sparse,
             block_size=list(block),
+            doc_stride=doc_stride,
         )
         if report:
             info.extra["rpp_report"] = {
@@ -269,28 +303,25 @@ class Predictor:
         return encoded
 
     def encode_qa(self, pairs: list[tuple[str, str]]) -> list[Encoded]:
-        """Tokenize (question, context) pairs; a long context is cut to fit (or refused)."""
-        tok = self.tokenizer
+        """Tokenize (question, context) pairs into windows of at most `max_tokens` tokens that overlap
+        by `doc_stride` context tokens (`squad.prepare_eval_features`); each window's `example` is
+        the index of its pair. A question that leaves no room for the context is refused."""
+        from rpp_triton import squad
+
+        examples = [{"question": q, "context": c} for q, c in pairs]
+        stride = self.info.doc_stride
+        kept, features = squad.prepare_eval_features(
+            self.tokenizer, examples, self.max_tokens, stride, collections.Counter()
+        )
+        if len(kept) < len(examples):
+            kept_ids = {id(e) for e in kept}
+            first = next(i for i, e in enumerate(examples) if id(e) not in kept_ids)
+            raise QuestionTooLong(first, self.max_tokens, stride)
         encoded = []
-        for i, (question, context) in enumerate(pairs):
-            full = tok(question, context, verbose=False, return_offsets_mapping=True)
-            truncated = len(full["input_ids"]) > self.max_tokens
-            if truncated and not self.truncate:
-                raise InputTooLong(i, len(full["input_ids"]), self.max_tokens)
-            row = full
-            if truncated:
-                row = tok(
-                    question,
-                    context,
-                    verbose=False,
-                    return_offsets_mapping=True,
-                    truncation="only_second",
-                    max_length=self.max_tokens,
-                )
-            seq_ids = row.sequence_ids()
-            offsets = [tuple(o) if s == 1 else None for o, s in zip(row["offset_mapping"], seq_ids)]
-            types = row.get("token_type_ids") if self.uses_token_types else None
-            encoded.append(Encoded(row["input_ids"], types, truncated, offsets))
+        for f in features:
+            inputs = f["inputs"]
+            types = inputs.get("token_type_ids") if self.uses_token_types else None
+            encoded.append(Encoded(inputs["input_ids"], types, False, f["offsets"], f["example_index"]))
         return encoded
 
     # ---------------------------------------------------------------- forward
@@ -349,33 +380,57 @@ class Predictor:
         best = int(probs.argmax())
         return {"label": self.label_names[best], "score": probs[best].item(), "probabilities": probs.tolist()}
 
-    def answer(
-        self, context: str, encoded: Encoded, out: SequenceOutput, max_answer_tokens: int = 30
-    ) -> dict:
-        """Best context span: argmax of start + end logits over spans of at most `max_answer_tokens`."""
-        valid = [i for i, o in enumerate(encoded.context_offsets) if o is not None]
-        if not valid:
-            return {"answer": "", "score": 0.0, "start": 0, "end": 0}
-        start_logits = torch.tensor(out.start_logits)
-        end_logits = torch.tensor(out.end_logits)
-        idx = torch.tensor(valid)
-        s, e = start_logits[idx], end_logits[idx]
-        pos = torch.tensor([encoded.context_offsets[i][0] for i in valid])
-        scores = s[:, None] + e[None, :]
-        # Spans run forward, inside the context, at most max_answer_tokens tokens long.
-        gap = idx[None, :] - idx[:, None]
-        scores = scores.masked_fill((gap < 0) | (gap >= max_answer_tokens), -math.inf)
-        flat = int(scores.argmax())
-        si, ei = divmod(flat, len(valid))
-        log_z = torch.logsumexp(start_logits, 0) + torch.logsumexp(end_logits, 0)
-        char_start = int(pos[si])
-        char_end = encoded.context_offsets[valid[ei]][1]
-        return {
-            "answer": context[char_start:char_end],
-            "score": math.exp(float(scores[si, ei] - log_z)),
-            "start": char_start,
-            "end": char_end,
-        }
+    def answers(
+        self,
+        pairs: list[tuple[str, str]],
+        windows: list[Encoded],
+        outputs: list[SequenceOutput],
+        null_threshold: float | None = None,
+        max_answer_tokens: int = 30,
+    ) -> list[dict]:
+        """Per (question, context) pair, the best span over its windows (`squad.best_spans`): the
+        answer text, its character offsets into the context, `score` (its start probability times
+        its end probability, softmax over its window) and `null_margin` (null score minus the best
+        span's start + end logits). With `null_threshold`, the answer is empty (start = end = 0,
+        score: the [CLS] probability of the window with the lowest null score) when the margin
+        exceeds it, as SQuAD v2.0 scores it."""
+        from rpp_triton import squad
+
+        examples = [{"question": q, "context": c} for q, c in pairs]
+        features = [{"example_index": w.example, "offsets": w.context_offsets} for w in windows]
+        starts = [torch.tensor(o.start_logits) for o in outputs]
+        ends = [torch.tensor(o.end_logits) for o in outputs]
+        spans = squad.best_spans(
+            examples,
+            features,
+            [s.numpy() for s in starts],
+            [e.numpy() for e in ends],
+            max_answer_length=max_answer_tokens,
+        )
+
+        def probability(window: int, start: int, end: int) -> float:
+            s, e = starts[window], ends[window]
+            return math.exp(float(s[start] + e[end] - torch.logsumexp(s, 0) - torch.logsumexp(e, 0)))
+
+        results = []
+        for span in spans:
+            margin = span.null_margin
+            answer = {
+                "answer": span.text,
+                "score": 0.0,
+                "start": span.start,
+                "end": span.end,
+                "null_margin": margin if math.isfinite(margin) else None,
+                "no_answer": False,
+            }
+            if null_threshold is not None and margin > null_threshold and span.null_window >= 0:
+                answer.update(
+                    answer="", start=0, end=0, no_answer=True, score=probability(span.null_window, 0, 0)
+                )
+            elif span.window >= 0:
+                answer["score"] = probability(span.window, span.start_token, span.end_token)
+            results.append(answer)
+        return results
 
 
 def _sparsify(
