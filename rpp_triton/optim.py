@@ -25,6 +25,7 @@ from rpp_triton.kernels.adam_prox import (
 
 __all__ = ["RPPAdamW", "param_groups"]
 
+
 def _compile_enabled() -> bool:
     return os.environ.get("RPP_TRITON_COMPILE", "1") not in ("0", "", "false", "no")
 
