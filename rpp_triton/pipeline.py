@@ -377,6 +377,28 @@ def frozen_mask_optimizer(model, masks: dict | None, source_report: dict | None,
     return optimizer, T.pruned_named_params(optimizer), block
 
 
+def publish_finetuned(trainer, partial, args, report, named, block, source_report, layers=None) -> None:
+    """Rank 0: write a fine-tuned model, its masks, rpp_report.json (sparsity after fine-tuning),
+    finetune_report.json and the training log into `partial`, then move it into place."""
+    trainer.save_model(partial)
+    pruning = {
+        "sparsity": report["sparsity_after"],
+        "target_sparsity": (source_report or {}).get("target_sparsity", 0.0),
+        "block_size": list(block),
+        "layers": layers if layers is not None else T.layer_table(named, block),
+        "finetune": {k: report[k] for k in ("task", "metrics", "sparsity_before", "sparsity_after")},
+    }
+    T.save_masks(os.path.join(partial, T.MASKS_FILE), named, block)
+    for name, obj in (
+        (T.REPORT_FILE, pruning),
+        ("finetune_report.json", report),
+        (T.LOG_FILE, trainer.state.log_history),
+    ):
+        with open(os.path.join(partial, name), "w") as f:
+            json.dump(obj, f, indent=1)
+    T.publish(partial, args.output_dir, args.keep_checkpoints)
+
+
 def finetune_training_arguments(partial: str, args, **extra):
     """TrainingArguments shared by every frozen-mask fine-tuning (classification, QA)."""
     return common.training_arguments(
@@ -483,23 +505,7 @@ def finetune_pipeline(args) -> dict:
         "seconds": round(time.time() - started, 1),
     }
     if trainer.is_world_process_zero():
-        trainer.save_model(partial)
-        pruning = {
-            "sparsity": sparsity_after,
-            "target_sparsity": (source_report or {}).get("target_sparsity", 0.0),
-            "block_size": list(block),
-            "layers": layers,
-            "finetune": {k: report[k] for k in ("task", "metrics", "sparsity_before", "sparsity_after")},
-        }
-        T.save_masks(os.path.join(partial, T.MASKS_FILE), named, block)
-        for name, obj in (
-            (T.REPORT_FILE, pruning),
-            ("finetune_report.json", report),
-            (T.LOG_FILE, trainer.state.log_history),
-        ):
-            with open(os.path.join(partial, name), "w") as f:
-                json.dump(obj, f, indent=1)
-        T.publish(partial, args.output_dir, args.keep_checkpoints)
+        publish_finetuned(trainer, partial, args, report, named, block, source_report, layers)
         shown = ", ".join(
             f"{k} {report['metrics'][k]:.4f}" for k in task.spec.metrics if k in report["metrics"]
         )

@@ -715,6 +715,7 @@ def finetune_qa(args) -> dict:
     from rpp_triton.pipeline import (
         finetune_training_arguments,
         frozen_mask_optimizer,
+        publish_finetuned,
         source_pruning,
         world_size,
     )
@@ -787,23 +788,7 @@ def finetune_qa(args) -> dict:
         "seconds": round(time.time() - started, 1),
     }
     if trainer.is_world_process_zero():
-        trainer.save_model(partial)
-        pruning = {
-            "sparsity": sparsity_after,
-            "target_sparsity": (source_report or {}).get("target_sparsity", 0.0),
-            "block_size": list(block),
-            "layers": T.layer_table(named, block),
-            "finetune": {k: report[k] for k in ("task", "metrics", "sparsity_before", "sparsity_after")},
-        }
-        T.save_masks(os.path.join(partial, T.MASKS_FILE), named, block)
-        for name, obj in (
-            (T.REPORT_FILE, pruning),
-            ("finetune_report.json", report),
-            (T.LOG_FILE, trainer.state.log_history),
-        ):
-            with open(os.path.join(partial, name), "w") as f:
-                json.dump(obj, f, indent=1)
-        T.publish(partial, args.output_dir, args.keep_checkpoints)
+        publish_finetuned(trainer, partial, args, report, named, block, source_report)
         if any(skipped.values()):
             print(f"skipped: {describe_skips(skipped)}")
         print(f"sparsity before {sparsity_before:.4f}, after {sparsity_after:.4f} (masks frozen)")
