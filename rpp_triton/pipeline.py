@@ -356,6 +356,17 @@ def _task_metrics(spec):
     return compute
 
 
+def start_finetune(args) -> tuple[str, str, dict | None, dict | None]:
+    """Checks shared by every fine-tuning (output dir, checkpoint, model): returns the partial
+    output dir, the resolved model name, and the pruned model's report and masks (None if dense)."""
+    partial = T.check_output_dir(args.output_dir, args.overwrite, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint:
+        T.check_checkpoint(args.resume_from_checkpoint)
+    model_name, _ = common.resolve_model(args.model)
+    source_report, masks = source_pruning(model_name)
+    return partial, model_name, source_report, masks
+
+
 def frozen_mask_optimizer(model, masks: dict | None, source_report: dict | None, args):
     """RPPAdamW over `model` with the pruned model's masks applied and frozen, for fine-tuning.
     Returns the optimizer, its pruned (name, parameter) pairs and the tile shape."""
@@ -431,11 +442,7 @@ def finetune_pipeline(args) -> dict:
     from rpp_triton import data as D
 
     started = time.time()
-    partial = T.check_output_dir(args.output_dir, args.overwrite, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint:
-        T.check_checkpoint(args.resume_from_checkpoint)
-    model_name, _ = common.resolve_model(args.model)
-    source_report, masks = source_pruning(model_name)
+    partial, model_name, source_report, masks = start_finetune(args)
     task = D.load_task(
         args.task,
         args.train_file,

@@ -716,17 +716,13 @@ def finetune_qa(args) -> dict:
         finetune_training_arguments,
         frozen_mask_optimizer,
         publish_finetuned,
-        source_pruning,
+        start_finetune,
         world_size,
     )
 
     qa_defaults(args)
     started = time.time()
-    partial = T.check_output_dir(args.output_dir, args.overwrite, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint:
-        T.check_checkpoint(args.resume_from_checkpoint)
-    model_name, _ = common.resolve_model(args.model)
-    source_report, masks = source_pruning(model_name)
+    partial, model_name, source_report, masks = start_finetune(args)
     data = load_qa_task(args.task, args.train_file, args.validation_file)
     tokenizer = common.load_pretrained(AutoTokenizer, model_name)
     skipped = collections.Counter(data.skipped)
