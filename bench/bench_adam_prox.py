@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import rpp_triton as rpp
-from rpp_triton.kernels.adam_prox import tiles_ref
+from rpp_triton.tiles import tiles_4d
 
 HAS_CUDA = torch.cuda.is_available()
 # One thread by default: with 2 OpenMP threads on a 2-core machine that anything else is using, a
@@ -71,7 +71,7 @@ def torch_prox(params, alphas, tau, block, reweight_eps=1e-3):
             torch._foreach_copy_(alphas, shrunk)
             return
         for p, alpha in zip(params, alphas):
-            pt = tiles_ref(p, block)
+            pt = tiles_4d(p, block)
             rms = pt.square().mean(dim=(1, 3)).sqrt()
             scale = torch.where(rms > 0, (1 - tau * alpha / rms).clamp_min(0), torch.zeros_like(rms))
             pt.mul_(scale[:, None, :, None])

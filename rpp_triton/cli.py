@@ -7,13 +7,10 @@ import importlib
 import sys
 
 from rpp_triton import __version__
+from rpp_triton.errors import UsageError
 
 # Subcommands in the order `--help` lists them.
 COMMANDS = ("prune", "finetune", "evaluate", "report", "serve")
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

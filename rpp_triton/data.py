@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from rpp_triton.cli import UsageError
+from rpp_triton.errors import UsageError
 
 LOCAL_FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 

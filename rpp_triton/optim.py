@@ -7,7 +7,6 @@ validates input and dispatches each group to the Triton kernel or the PyTorch pa
 import functools
 import math
 import os
-import re
 import warnings
 
 import torch
@@ -17,11 +16,11 @@ from rpp_triton.backend import check_backend, resolve
 from rpp_triton.kernels.adam_prox import (
     adam_scalars,
     adamw_step_ref,
-    as_block,
     rpp_step_ref,
-    tile_mask_ref,
     tile_prox_step_ref,
 )
+from rpp_triton.models import pruned_weight_ids
+from rpp_triton.tiles import as_block, tile_mask
 
 __all__ = ["RPPAdamW", "param_groups"]
 
@@ -175,7 +174,7 @@ class RPPAdamW(torch.optim.Optimizer):
                 shape = p.shape if (bh, bw) == (1, 1) else (p.shape[0] // bh, p.shape[1] // bw)
                 state["alpha"] = torch.ones(shape, dtype=torch.float32, device=p.device)
         if group["prune"] and group["frozen"] and "mask" not in state:
-            state["mask"] = tile_mask_ref(p.detach(), group["block_size"])
+            state["mask"] = tile_mask(p.detach(), group["block_size"])
         return state
 
     # ---- the step -----------------------------------------------------------------------------
@@ -335,7 +334,7 @@ class RPPAdamW(torch.optim.Optimizer):
         out = {}
         for group, p in self._pruned():
             state = self.state.get(p, {})
-            out[p] = state["mask"] if "mask" in state else tile_mask_ref(p.detach(), group["block_size"])
+            out[p] = state["mask"] if "mask" in state else tile_mask(p.detach(), group["block_size"])
         return out
 
     def sparsity(self) -> float:
@@ -390,11 +389,6 @@ class RPPAdamW(torch.optim.Optimizer):
         return sum(int(s["nonfinite"]) for s in self.state.values() if "nonfinite" in s)
 
 
-# Encoder stacks of BERT-family models: BERT/RoBERTa/ELECTRA (`encoder.layer.N`), DistilBERT
-# (`transformer.layer.N`), ALBERT (`encoder.albert_layer_groups.N`), and generic `layers.N`.
-_ENCODER_LAYER = re.compile(r"(^|\.)(encoder|transformer)\.(layer|layers|albert_layer_groups)\.\d+\.")
-
-
 def param_groups(model: nn.Module, **options) -> list[dict]:
     """The default split for a BERT-family model: the encoder's attention and feed-forward
     `nn.Linear` weights are pruned; embeddings, LayerNorm, biases, pooler and heads are not.
@@ -402,10 +396,7 @@ def param_groups(model: nn.Module, **options) -> list[dict]:
     `options` (any RPPAdamW option) apply to both groups. Each group carries `param_names` beside
     `params`, so errors and reports name the parameter.
     """
-    pruned_ids = set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and _ENCODER_LAYER.search(name + "."):
-            pruned_ids.add(id(module.weight))
+    pruned_ids = pruned_weight_ids(model)
     pruned, rest = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from rpp_triton import train as T
-from rpp_triton.cli import UsageError
 from rpp_triton.commands import common
+from rpp_triton.errors import UsageError
 
 
 def _fill(args, defaults: dict) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-from rpp_triton import train as T
-from rpp_triton.cli import UsageError
+from rpp_triton.artifacts import REPORT_FILE, read_report, report_block
+from rpp_triton.errors import UsageError
+from rpp_triton.tiles import as_block, layer_table, tile_rows
 
 
 def load_layers(model_dir: str, block=None) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -16,14 +16,7 @@ def load_layers(model_dir: str, block=None) -> tuple[dict, dict[str, torch.Tenso
     from rpp_report.json when present, else from the default pruning split of the model."""
     if not os.path.isdir(model_dir):
         raise UsageError(f"model directory {model_dir!r} does not exist")
-    path = os.path.join(model_dir, T.REPORT_FILE)
-    report = {}
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                report = json.load(f)
-        except ValueError:
-            raise UsageError(f"{path!r} is not valid JSON") from None
+    report = read_report(model_dir) or {}
     weights = _read_weights(model_dir)
     if report.get("layers"):
         names = [row["name"] for row in report["layers"]]
@@ -31,10 +24,10 @@ def load_layers(model_dir: str, block=None) -> tuple[dict, dict[str, torch.Tenso
         names = _default_pruned(model_dir, weights)
     missing = [n for n in names if n not in weights]
     if missing:
-        raise UsageError(f"{model_dir!r}: weight {missing[0]!r} named in {T.REPORT_FILE} is not in the model")
+        raise UsageError(f"{model_dir!r}: weight {missing[0]!r} named in {REPORT_FILE} is not in the model")
     if not names:
         raise UsageError(f"{model_dir!r} has no encoder attention/feed-forward weights to report on")
-    block = T.as_block(block or tuple(report.get("block_size", (1, 1))))
+    block = as_block(block) if block else report_block(report, model_dir)
     return {**report, "block_size": list(block)}, {n: weights[n] for n in names}
 
 
@@ -72,7 +65,7 @@ def _read_weights(model_dir: str) -> dict[str, torch.Tensor]:
 
 
 def table(weights: dict[str, torch.Tensor], block) -> tuple[list[dict], str]:
-    rows = T.layer_table(list(weights.items()), block)
+    rows = layer_table(list(weights.items()), block)
     width = max(len(r["name"]) for r in rows)
     lines = [f"{'layer':<{width}}  {'shape':>11}  {'sparsity':>8}  {'tiles kept':>16}"]
     for r in rows:
@@ -82,7 +75,7 @@ def table(weights: dict[str, torch.Tensor], block) -> tuple[list[dict], str]:
         )
     zeros = sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in rows)
     total = sum(r["shape"][0] * r["shape"][1] for r in rows)
-    bh, bw = T.as_block(block)
+    bh, bw = as_block(block)
     lines.append(f"{'total':<{width}}  {'':>11}  {zeros / total:>8.2%}  ({bh}x{bw} tiles)")
     return rows, "\n".join(lines)
 
@@ -102,7 +95,7 @@ def picture(weights: dict[str, torch.Tensor], block, path: str, max_cells: int =
     for ax in axes.flat:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
-        kept = T.tile_view(weights[name], block).ne(0).any(-1).float()
+        kept = tile_rows(weights[name], block).ne(0).any(-1).float()
         pool = max(1, -(-max(kept.shape) // max_cells))
         if pool > 1:
             kept = torch.nn.functional.avg_pool2d(kept[None, None], pool, ceil_mode=True)[0, 0]
@@ -110,7 +103,7 @@ def picture(weights: dict[str, torch.Tensor], block, path: str, max_cells: int =
         ax.set_title(
             f"{_short(name)}\n{1 - float((weights[name] != 0).float().mean()):.0%} sparse", fontsize=7
         )
-    bh, bw = T.as_block(block)
+    bh, bw = as_block(block)
     fig.suptitle(f"kept {bh}x{bw} tiles (white) per layer", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

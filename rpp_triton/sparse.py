@@ -13,35 +13,17 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rpp_triton.backend import check_backend, resolve
 from rpp_triton.kernels.bsmm import bsmm, bsmm_cpu_plan, bsmm_ref, bsr_from_dense, bsr_to_dense
+from rpp_triton.models import following_gelu
+from rpp_triton.tiles import as_block, tile_sparsity
 
 __all__ = ["BlockSparseLinear", "sparsify", "densify", "save_sparse", "load_sparse", "tile_sparsity"]
 
 SAFETENSORS_NAME = "sparse_model.safetensors"
 _META_KEY = "rpp_triton.sparse"
-
-
-def _pair(block_size) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        block_size = (block_size, block_size)
-    bh, bw = (int(v) for v in block_size)
-    if bh < 1 or bw < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    return bh, bw
-
-
-def tile_sparsity(weight: torch.Tensor, block_size=32) -> float:
-    """Fraction of the (bh, bw) tiles of a 2-D `weight` that are entirely zero."""
-    bh, bw = _pair(block_size)
-    out_f, in_f = weight.shape
-    if out_f % bh or in_f % bw:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} does not divide into {bh}x{bw} tiles")
-    tiles = weight.detach().reshape(out_f // bh, bh, in_f // bw, bw)
-    return 1.0 - tiles.ne(0).any(dim=3).any(dim=1).float().mean().item()
 
 
 def _kernel_supports(bh: int, bw: int) -> bool:
@@ -58,7 +40,7 @@ class BlockSparseLinear(nn.Module):
     def __init__(self, in_features, out_features, block_size, values, col_idx, row_ptr, bias=None,
                  backend="auto", gelu=False):  # fmt: skip
         super().__init__()
-        bh, bw = _pair(block_size)
+        bh, bw = as_block(block_size)
         if out_features % bh or in_features % bw:
             raise ValueError(
                 f"weight of shape ({out_features}, {in_features}) does not divide into {bh}x{bw} tiles"
@@ -82,7 +64,7 @@ class BlockSparseLinear(nn.Module):
             raise ValueError(f"from_dense needs a module with a 2-D weight, got {type(linear).__name__}")
         if not weight.is_floating_point():
             raise ValueError(f"weight must be floating point, got {weight.dtype}")
-        bh, bw = _pair(block_size)
+        bh, bw = as_block(block_size)
         out_f, in_f = weight.shape
         if out_f % bh or in_f % bw:
             raise ValueError(f"weight of shape {tuple(weight.shape)} does not divide into {bh}x{bw} tiles")
@@ -164,29 +146,6 @@ class FusedActivation(nn.Identity):
         self.original = original
 
 
-def _is_exact_gelu(module) -> bool:
-    if isinstance(module, nn.GELU):
-        return module.approximate == "none"
-    # transformers' GELUActivation (BERT's "gelu"): F.gelu or its erf formula in Python.
-    if type(module).__name__ == "GELUActivation":
-        act = getattr(module, "act", None)
-        return act is F.gelu or getattr(act, "__name__", "") == "_gelu_python"
-    return False
-
-
-def _following_gelu(parent: nn.Module, name: str):
-    """Name of the exact GELU that `parent.<name>`'s output goes into, if the structure says so."""
-    # BERT-family intermediate block: hidden = act(dense(hidden)).
-    if name == "dense" and _is_exact_gelu(getattr(parent, "intermediate_act_fn", None)):
-        return "intermediate_act_fn"
-    if isinstance(parent, nn.Sequential):
-        names = list(parent._modules)
-        i = names.index(name)
-        if i + 1 < len(names) and _is_exact_gelu(parent._modules[names[i + 1]]):
-            return names[i + 1]
-    return None
-
-
 def _shared_weights(model: nn.Module) -> set[int]:
     """ids of parameters reachable under several names (tied weights)."""
     seen: dict[int, int] = {}
@@ -204,7 +163,7 @@ def sparsify(model: nn.Module, block_size=32, min_sparsity=0.0, backend="auto", 
     `nn.Sequential`) runs in the layer's epilogue. Returns the model (the new layer if `model` is
     itself an `nn.Linear`).
     """
-    bh, bw = _pair(block_size)
+    bh, bw = as_block(block_size)
     check_backend(backend)
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
@@ -228,7 +187,7 @@ def sparsify(model: nn.Module, block_size=32, min_sparsity=0.0, backend="auto", 
         for name, child in list(parent._modules.items()):
             if type(child) is not nn.Linear or not eligible(child):
                 continue
-            act_name = _following_gelu(parent, name) if fuse_gelu else None
+            act_name = following_gelu(parent, name) if fuse_gelu else None
             layer = BlockSparseLinear.from_dense(child, (bh, bw), backend, gelu=act_name is not None)
             setattr(parent, name, layer)
             if act_name is not None:

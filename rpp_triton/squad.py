@@ -27,7 +27,7 @@ import string
 import time
 from dataclasses import dataclass, field
 
-from rpp_triton.cli import UsageError
+from rpp_triton.errors import UsageError
 
 OFFLINE_TASK = "pydoc-qa"
 QA_TASKS = ("squad", "squad_v2", OFFLINE_TASK, OFFLINE_TASK + "-v2")

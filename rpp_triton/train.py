@@ -15,88 +15,35 @@ in the optimizer state Trainer checkpoints; the controller adds `rpp_controller.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import shutil
 
 import torch
 
-from rpp_triton.cli import UsageError
-
-CONTROLLER_FILE = "rpp_controller.json"
-REPORT_FILE = "rpp_report.json"
-MASKS_FILE = "rpp_masks.safetensors"
-LOG_FILE = "training_log.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiles, masks, sparsity
-
-
-def as_block(block_size) -> tuple[int, int]:
-    bh, bw = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    if bh < 1 or bw < 1:
-        raise ValueError(f"block_size must be positive, got {block_size!r}")
-    return int(bh), int(bw)
-
-
-def tile_view(w: torch.Tensor, block) -> torch.Tensor:
-    """`w[out, in]` as `[out/bh, in/bw, bh*bw]`: one row per tile."""
-    bh, bw = as_block(block)
-    o, i = w.shape
-    return w.reshape(o // bh, bh, i // bw, bw).permute(0, 2, 1, 3).reshape(o // bh, i // bw, bh * bw)
-
-
-def tile_scores(w: torch.Tensor, block, score: str = "rms") -> torch.Tensor:
-    """Per-tile score: RMS (`rms`) or mean absolute value (`magnitude`); for 1x1 tiles both are |w|."""
-    t = tile_view(w.detach().float(), block)
-    if score == "rms":
-        return t.pow(2).mean(-1).sqrt()
-    if score == "magnitude":
-        return t.abs().mean(-1)
-    raise ValueError(f"score must be 'rms' or 'magnitude', got {score!r}")
-
-
-def expand_tiles(tiles: torch.Tensor, block) -> torch.Tensor:
-    bh, bw = as_block(block)
-    return tiles.repeat_interleave(bh, 0).repeat_interleave(bw, 1)
-
-
-def tile_mask(w: torch.Tensor, block) -> torch.Tensor:
-    """Kept tiles (any non-zero element), expanded to `w`'s shape."""
-    return expand_tiles(tile_view(w.detach(), block).ne(0).any(-1), block)
-
-
-def sparsity_of(tensors) -> float:
-    zeros = total = 0
-    for w in tensors:
-        zeros += w.numel() - _nonzeros(w)
-        total += w.numel()
-    return zeros / total if total else 0.0
-
-
-@torch.no_grad()
-def hard_prune(named: list[tuple[str, torch.Tensor]], target: float, block, score: str = "rms") -> dict:
-    """Zero the lowest-scoring tiles over all `named` weights, globally, so that exactly
-    round(target * tiles) tiles are pruned; returns {name: bool mask}. Tiles pruned already score 0
-    and go first."""
-    scores = [tile_scores(w, block, score) for _, w in named]
-    flat = torch.cat([s.flatten() for s in scores])
-    n_prune = round(target * flat.numel())
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
-    if n_prune:
-        # sort is stable, so equal scores resolve the same way on every rank
-        keep[torch.sort(flat, stable=True).indices[:n_prune]] = False
-    masks, start = {}, 0
-    for (name, w), s in zip(named, scores):
-        tiles = keep[start : start + s.numel()].view_as(s)
-        start += s.numel()
-        mask = expand_tiles(tiles, block)
-        w.mul_(mask.to(w.dtype))
-        masks[name] = mask
-    return masks
+from rpp_triton.artifacts import (  # noqa: F401 - re-exported while the pipeline moves
+    CONTROLLER_FILE,
+    LOG_FILE,
+    MASKS_FILE,
+    REPORT_FILE,
+    check_checkpoint,
+    check_output_dir,
+    is_main_process,
+    load_masks,
+    publish,
+    save_masks,
+    start_partial,
+)
+from rpp_triton.errors import UsageError
+from rpp_triton.models import mlm_head  # noqa: F401
+from rpp_triton.tiles import (  # noqa: F401
+    as_block,
+    count_nonzero,
+    hard_prune,
+    layer_table,
+    mask_digest,
+    sparsity_of,
+)
 
 
 def freeze_with_masks(optimizer, named: list[tuple[str, torch.Tensor]], masks: dict) -> None:
@@ -107,28 +54,11 @@ def freeze_with_masks(optimizer, named: list[tuple[str, torch.Tensor]], masks: d
 
 
 def count_sparsity(optimizer) -> float:
-    """Share of zeros over the pruned weights. On the GPU the optimizer adds up the kernel's own
-    non-zero counts; on the CPU numpy's `count_nonzero` takes ~10 ms for MiniLM's 10.6M pruned
-    weights, where `(w == 0).sum()` took ~1 s on this shared 2-core machine."""
+    """Share of zeros over the pruned weights: the kernel's own counts on the GPU."""
     named = pruned_named_params(optimizer)
     if any(p.is_cuda for _, p in named):
         return optimizer.sparsity()
-    total = sum(p.numel() for _, p in named)
-    kept = sum(_count_nonzero(p.detach()) for _, p in named)
-    return 1.0 - kept / total if total else 0.0
-
-
-def _nonzeros(w: torch.Tensor) -> int:
-    w = w.detach()
-    return _count_nonzero(w) if w.device.type == "cpu" else int(torch.count_nonzero(w))
-
-
-def _count_nonzero(w: torch.Tensor) -> int:
-    if w.dtype in (torch.float32, torch.float64, torch.float16):
-        import numpy as np
-
-        return int(np.count_nonzero(w.numpy()))
-    return int(torch.count_nonzero(w))
+    return sparsity_of(p for _, p in named)
 
 
 def pruned_named_params(optimizer) -> list[tuple[str, torch.Tensor]]:
@@ -138,30 +68,6 @@ def pruned_named_params(optimizer) -> list[tuple[str, torch.Tensor]]:
             names = group.get("param_names") or [f"param{i}" for i in range(len(group["params"]))]
             out.extend(zip(names, group["params"]))
     return out
-
-
-def layer_table(named: list[tuple[str, torch.Tensor]], block) -> list[dict]:
-    rows = []
-    for name, w in named:
-        tiles = tile_view(w.detach(), block).ne(0).any(-1)
-        rows.append(
-            {
-                "name": name,
-                "shape": list(w.shape),
-                "sparsity": 1.0 - _nonzeros(w) / w.numel(),
-                "tiles_kept": int(tiles.sum()),
-                "tiles": tiles.numel(),
-            }
-        )
-    return rows
-
-
-def mask_digest(named: list[tuple[str, torch.Tensor]]) -> str:
-    h = hashlib.sha256()
-    for name, w in named:
-        h.update(name.encode())
-        h.update(w.detach().ne(0).cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def ranks_agree(digest: str) -> bool:
@@ -329,16 +235,6 @@ class SparsityController(_trainer_callback_base()):
         self.last_sparsity = state.get("last_sparsity", 0.0)
 
 
-def mlm_head(model):
-    """The masked-LM head module of a `*ForMaskedLM` model (BERT's `cls`, RoBERTa's `lm_head`), or
-    None where the model has neither."""
-    for name in ("cls", "lm_head"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    return None
-
-
 class MaskedPositions:
     """Forward pre-hook on the masked-LM head: while `select` is set, only the positions it marks
     (the ~15% that carry a label) reach the head. MiniLM's head projects 384 features onto 30522
@@ -438,95 +334,6 @@ def evaluate_mlm(model, blocks: list[dict], masked_lm: MaskedPositions, batch_si
     finally:
         model.train(was_training)
     return {"loss": loss_sum / max(count, 1), "mlm_accuracy": correct / max(count, 1)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Output directories: never clobber a previous run
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def check_output_dir(out: str, overwrite: bool, resume: str | None) -> str:
-    """Refuse a directory holding another run unless told to overwrite or resume. Returns the
-    working directory `<out>.partial` the run writes to before it is renamed to `out`."""
-    partial = out.rstrip(os.sep) + ".partial"
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"output path {out!r} is a file, not a directory")
-    if os.path.isdir(out) and os.listdir(out) and not (overwrite or resume):
-        raise UsageError(f"output directory {out!r} holds another run; pass --overwrite to replace it")
-    if os.path.isdir(partial) and os.listdir(partial) and not (overwrite or resume):
-        raise UsageError(
-            f"{partial!r} holds an interrupted run; pass --resume-from-checkpoint {partial}/checkpoint-N "
-            "or --overwrite"
-        )
-    return partial
-
-
-def start_partial(partial: str, resume: str | None) -> None:
-    if not is_main_process():
-        return
-    inside = resume and os.path.abspath(resume).startswith(os.path.abspath(partial) + os.sep)
-    if os.path.isdir(partial) and not inside:
-        shutil.rmtree(partial)
-    os.makedirs(partial, exist_ok=True)
-
-
-def publish(partial: str, out: str, keep_checkpoints: bool) -> None:
-    """Move the finished run into place: the old output is only removed once the new one is in."""
-    if not keep_checkpoints:
-        for name in os.listdir(partial):
-            if name.startswith("checkpoint-"):
-                shutil.rmtree(os.path.join(partial, name))
-    old = None
-    if os.path.exists(out):
-        old = f"{out.rstrip(os.sep)}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old:
-        shutil.rmtree(old)
-
-
-def check_checkpoint(path: str) -> dict:
-    """Validate a checkpoint before Trainer touches it; returns the controller state if present."""
-    if not os.path.isdir(path):
-        raise UsageError(f"checkpoint {path!r} does not exist")
-    needed = ["trainer_state.json", "optimizer.pt"]
-    missing = [n for n in needed if not os.path.isfile(os.path.join(path, n))]
-    weights = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))]
-    if missing or not weights:
-        raise UsageError(
-            f"checkpoint {path!r} is incomplete (missing {', '.join(missing) or 'model weights'})"
-        )
-    try:
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            json.load(f)
-        torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
-        if weights[0].endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            load_file(os.path.join(path, weights[0]))
-        controller = None
-        if os.path.isfile(os.path.join(path, CONTROLLER_FILE)):
-            with open(os.path.join(path, CONTROLLER_FILE)) as f:
-                controller = json.load(f)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"checkpoint {path!r} is corrupt: {first}") from None
-    return controller
-
-
-def save_masks(path: str, named: list[tuple[str, torch.Tensor]], block) -> None:
-    from safetensors.torch import save_file
-
-    save_file({name: tile_mask(w, block).to(torch.uint8).contiguous() for name, w in named}, path)
-
-
-def load_masks(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v.bool() for k, v in load_file(path).items()}
 
 
 def default_report_to() -> list[str]:

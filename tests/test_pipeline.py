@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny_bert import write_task_csv, write_text, write_tiny_bert  # noqa: E402
 
 from rpp_triton import metrics as M  # noqa: E402
+from rpp_triton import models, tiles  # noqa: E402
 from rpp_triton import train as T  # noqa: E402
 from rpp_triton.cli import main  # noqa: E402
 
@@ -90,7 +91,7 @@ def test_prune_reaches_exact_target_and_loads_in_plain_transformers(files, tmp_p
     for name, w in weights.items():
         mask = masks["bert." + name].bool()
         assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
-        assert torch.equal(T.tile_mask(w, (bh, bw)), mask)
+        assert torch.equal(tiles.tile_mask(w, (bh, bw)), mask)
     # Pruned masked-LM quality on held-out text, and the log with lambda and sparsity.
     for key in ("dense_before_pruning", "pruned"):
         assert 0.0 <= report[key]["mlm_accuracy"] <= 1.0 and np.isfinite(report[key]["mlm_loss"])
@@ -119,7 +120,7 @@ def test_masked_positions_loss_matches_the_full_head(files):
     from transformers import AutoModelForMaskedLM
 
     model = AutoModelForMaskedLM.from_pretrained(files["model"])
-    masked = T.MaskedPositions(T.mlm_head(model))
+    masked = T.MaskedPositions(models.mlm_head(model))
     ids = torch.randint(5, model.config.vocab_size, (3, 16))
     labels = torch.full_like(ids, -100)
     labels[:, ::4] = ids[:, ::4]
@@ -211,10 +212,10 @@ def test_report_command_prints_table_and_png(pruned, tmp_path, capsys):
 @pytest.mark.parametrize("target", [0.0, 0.3, 0.75])
 def test_hard_prune_is_exact_and_global(block, target):
     ws = [("a", torch.randn(8, 16)), ("b", torch.randn(4, 8) * 10)]  # b's tiles score higher
-    masks = T.hard_prune(ws, target, block)
-    tiles = sum(w.numel() for _, w in ws) // (block[0] * block[1])
-    pruned_tiles = sum(int((~T.tile_view(m, block).all(-1)).sum()) for m in masks.values())
-    assert pruned_tiles == round(target * tiles)
+    masks = tiles.hard_prune(ws, target, block)
+    n_tiles = sum(w.numel() for _, w in ws) // (block[0] * block[1])
+    pruned_tiles = sum(int((~tiles.tile_rows(m, block).all(-1)).sum()) for m in masks.values())
+    assert pruned_tiles == round(target * n_tiles)
     for (_, w), m in zip(ws, masks.values()):
         assert torch.equal(w[~m], torch.zeros_like(w[~m]))
     if target == 0.3:

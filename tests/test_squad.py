@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny_bert import write_text  # noqa: E402
 
 from rpp_triton import squad as S  # noqa: E402
-from rpp_triton.cli import UsageError, main  # noqa: E402
+from rpp_triton.cli import main  # noqa: E402
+from rpp_triton.errors import UsageError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

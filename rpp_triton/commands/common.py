@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from rpp_triton.cli import UsageError
+from rpp_triton.errors import UsageError
 
 
 def block_size_arg(text: str) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from rpp_triton.cli import UsageError
+from rpp_triton.errors import UsageError
 
 
 def register(subparsers) -> None:

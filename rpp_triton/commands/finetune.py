@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from rpp_triton.cli import UsageError
 from rpp_triton.commands.common import add_run_arguments
+from rpp_triton.errors import UsageError
 
 
 def register(subparsers) -> None:

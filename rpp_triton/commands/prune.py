@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 
-from rpp_triton.cli import UsageError
 from rpp_triton.commands.common import add_run_arguments, block_size_arg
+from rpp_triton.errors import UsageError
 
 # The embedded default is sized to finish in a few minutes on a 2-core CPU: 2 x 100 steps (the
 # pruned run and its same-budget dense reference) of 8 blocks of 64 tokens, ~0.4 s a step.

@@ -113,7 +113,7 @@ def load_options(args) -> dict:
 
 
 def run(args) -> int:
-    from rpp_triton.cli import UsageError
+    from rpp_triton.errors import UsageError
 
     if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
         raise UsageError(f"{args.model_dir!r} is not a model directory (no config.json)")
@@ -179,7 +179,7 @@ def _run_local(args, config) -> int:
 
 
 def _run_ray(args, config) -> int:
-    from rpp_triton.cli import UsageError
+    from rpp_triton.errors import UsageError
 
     try:
         from rpp_triton.serve import ray_app

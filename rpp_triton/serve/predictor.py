@@ -14,7 +14,6 @@ entry, one `encode_*` method and one post-processing method.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import os
@@ -22,6 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from rpp_triton.artifacts import read_report
+from rpp_triton.models import mean_pool
+from rpp_triton.tiles import divides, tile_sparsity
 
 log = logging.getLogger("rpp_triton.serve")
 
@@ -101,35 +104,9 @@ class ModelInfo:
     extra: dict = field(default_factory=dict)
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Attention-mask-weighted mean of `hidden[B, L, H]` over the sequence: `[B, H]`."""
-    hidden = hidden.float()  # pool in fp32 even when the model runs in bf16 or fp16
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-def _read_report(model_dir: str) -> dict:
-    """rpp_report.json of a pruned model directory ({} for a plain model)."""
-    path = os.path.join(model_dir, "rpp_report.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return {}
-    return report if isinstance(report, dict) else {}
-
-
 def _tile_sparsity(weight: torch.Tensor, block: tuple[int, int]) -> float | None:
     """Fraction of all-zero `bh x bw` tiles, or None when the shape does not tile."""
-    (bh, bw), (out_f, in_f) = block, weight.shape
-    if out_f % bh or in_f % bw:
-        return None
-    tiles = weight.detach().reshape(out_f // bh, bh, in_f // bw, bw)
-    nonzero = tiles.ne(0).any(dim=3).any(dim=1)
-    return 1.0 - nonzero.float().mean().item()
+    return tile_sparsity(weight, block) if divides(weight.shape, block) else None
 
 
 class Predictor:
@@ -204,7 +181,7 @@ class Predictor:
             ]
 
         config = AutoConfig.from_pretrained(model_dir)
-        report = _read_report(model_dir)
+        report = read_report(model_dir) or {}
         if block_size is None:  # the tiles the model was pruned with, else 32
             block_size = tuple(report["block_size"]) if report.get("block_size") else 32
         block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
