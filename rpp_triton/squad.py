@@ -234,7 +234,8 @@ def load_squad_file(path: str, version_2: bool, skipped: collections.Counter) ->
 def _load_hub(task: str, split: str) -> list[dict]:
     import datasets
 
-    from rpp_triton.data import _first_line, _offline
+    from rpp_triton.data.sources import first_line as _first_line
+    from rpp_triton.data.sources import offline as _offline
 
     name = HUB_DATASETS[task]
     if _offline():
@@ -710,15 +711,16 @@ def finetune_qa(args) -> dict:
     Trainer, optimizer groups and atomic output as the classification fine-tuning."""
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer, DataCollatorWithPadding, set_seed
 
-    from rpp_triton import train as T
-    from rpp_triton.commands import common
+    from rpp_triton import artifacts as A
     from rpp_triton.pipeline import (
         finetune_training_arguments,
         frozen_mask_optimizer,
         publish_finetuned,
         start_finetune,
-        world_size,
     )
+    from rpp_triton.tiles import mask_digest, sparsity_of
+    from rpp_triton.training import hub as common
+    from rpp_triton.training import trainer as T
 
     qa_defaults(args)
     started = time.time()
@@ -733,19 +735,19 @@ def finetune_qa(args) -> dict:
     set_seed(args.seed)
     model = common.load_pretrained(AutoModelForQuestionAnswering, model_name)
     optimizer, named, block = frozen_mask_optimizer(model, masks, source_report, args)
-    sparsity_before, digest_before = T.sparsity_of(w for _, w in named), T.mask_digest(named)
+    sparsity_before, digest_before = sparsity_of(w for _, w in named), mask_digest(named)
 
     def score(label):
         m, _, eval_skipped = evaluate_qa(
             model, tokenizer, data.eval, data.version_2, args.max_length, args.doc_stride, args.batch_size
         )
-        if T.is_main_process():
+        if A.is_main_process():
             _print_metrics(label, m)
         return m, eval_skipped
 
     metrics_before, _ = score("before fine-tuning")
 
-    T.start_partial(partial, args.resume_from_checkpoint)
+    A.start_partial(partial, args.resume_from_checkpoint)
     targs = finetune_training_arguments(partial, args)
     trainer = T.make_trainer_class()(
         model=model,
@@ -758,7 +760,7 @@ def finetune_qa(args) -> dict:
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     metrics, eval_skipped = score("after fine-tuning")
 
-    sparsity_after, digest_after = T.sparsity_of(w for _, w in named), T.mask_digest(named)
+    sparsity_after, digest_after = sparsity_of(w for _, w in named), mask_digest(named)
     if digest_after != digest_before:
         raise RuntimeError("the sparsity pattern changed during fine-tuning although the masks were frozen")
     skipped.update(eval_skipped)
@@ -780,7 +782,7 @@ def finetune_qa(args) -> dict:
         "max_length": args.max_length,
         "doc_stride": args.doc_stride,
         "steps": trainer.state.global_step,
-        "world_size": world_size(),
+        "world_size": A.world_size(),
         "seconds": round(time.time() - started, 1),
     }
     if trainer.is_world_process_zero():

@@ -18,8 +18,9 @@ from tiny_bert import write_task_csv, write_text, write_tiny_bert  # noqa: E402
 
 from rpp_triton import metrics as M  # noqa: E402
 from rpp_triton import models, tiles  # noqa: E402
-from rpp_triton import train as T  # noqa: E402
 from rpp_triton.cli import main  # noqa: E402
+from rpp_triton.training import controller as T  # noqa: E402
+from rpp_triton.training import trainer as TR  # noqa: E402
 
 # Small enough for ~1-2 s per run on two cores; the same-budget dense reference (a second run) is
 # tested on its own.
@@ -120,7 +121,7 @@ def test_masked_positions_loss_matches_the_full_head(files):
     from transformers import AutoModelForMaskedLM
 
     model = AutoModelForMaskedLM.from_pretrained(files["model"])
-    masked = T.MaskedPositions(models.mlm_head(model))
+    masked = TR.MaskedPositions(models.mlm_head(model))
     ids = torch.randint(5, model.config.vocab_size, (3, 16))
     labels = torch.full_like(ids, -100)
     labels[:, ::4] = ids[:, ::4]

@@ -57,7 +57,7 @@ def run(args) -> int:
 
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from rpp_triton.commands.common import load_pretrained, resolve_model
+    from rpp_triton.training.hub import load_pretrained, resolve_model
 
     started = time.time()
     model_name, _ = resolve_model(args.model_dir)

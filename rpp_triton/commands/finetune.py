@@ -15,7 +15,7 @@ from rpp_triton.errors import UsageError
 
 
 def register(subparsers) -> None:
-    from rpp_triton.data import TASK_NAMES
+    from rpp_triton.data.tasks import TASK_NAMES
 
     p = subparsers.add_parser(
         "finetune",

@@ -13,11 +13,6 @@ import os
 from rpp_triton.commands.common import add_run_arguments, block_size_arg
 from rpp_triton.errors import UsageError
 
-# The embedded default is sized to finish in a few minutes on a 2-core CPU: 2 x 100 steps (the
-# pruned run and its same-budget dense reference) of 8 blocks of 64 tokens, ~0.4 s a step.
-EMBEDDED = {"seq_len": 64, "batch_size": 8, "max_steps": 100, "eval_blocks": 64}
-GENERAL = {"seq_len": 128, "batch_size": 32, "max_steps": 2000, "eval_blocks": 512}
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -64,29 +59,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def validate(args) -> None:
-    args.block_size = block_size_arg(args.block_size)
-    if not 0.0 <= args.target_sparsity < 1.0:
-        raise UsageError(f"--target-sparsity must be in [0, 1), got {args.target_sparsity}")
-    for name in ("max_steps", "seq_len", "batch_size", "eval_blocks"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("dense_steps", "recovery_steps", "save_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {value}")
-    if args.head_lr_scale <= 0:
-        raise UsageError(f"--head-lr-scale must be positive, got {args.head_lr_scale}")
-    if not 0 <= args.mlm_probability < 1 or args.lr <= 0 or args.rpp_lambda < 0:
-        raise UsageError("--mlm-probability must be in [0, 1), --lr positive and --rpp-lambda non-negative")
-    if args.dataset and not os.path.exists(args.dataset) and os.path.splitext(args.dataset)[1]:
-        raise UsageError(f"dataset path {args.dataset!r} does not exist")
-
-
 def run(args) -> int:
-    validate(args)
-    from rpp_triton.pipeline import prune_pipeline
+    from rpp_triton.training.config import PruneConfig, from_namespace
 
-    prune_pipeline(args)
+    config = from_namespace(PruneConfig, args, block_size=block_size_arg(args.block_size))
+    if config.dataset and not os.path.exists(config.dataset) and os.path.splitext(config.dataset)[1]:
+        raise UsageError(f"dataset path {config.dataset!r} does not exist")
+    from rpp_triton.training.prune import prune
+
+    prune(config)
     return 0

@@ -1,5 +1,5 @@
-"""Training pipeline on top of `transformers.Trainer`: RPP pruning on masked LM steered to a target
-sparsity, the hard prune to exactly that target, and fine-tuning with frozen masks.
+"""The sparsity controller: RPP steered to a target sparsity, then the hard prune to exactly that
+target and frozen masks.
 
 One prune run is a single Trainer run of `dense_steps + rpp_steps + recovery_steps` steps:
 - dense steps (lambda = 0) fit the task head (MiniLM ships without an MLM head) before pruning
@@ -19,70 +19,10 @@ import json
 import math
 import os
 
-import torch
-
-from rpp_triton.artifacts import (  # noqa: F401 - re-exported while the pipeline moves
-    CONTROLLER_FILE,
-    LOG_FILE,
-    MASKS_FILE,
-    REPORT_FILE,
-    check_checkpoint,
-    check_output_dir,
-    is_main_process,
-    load_masks,
-    publish,
-    save_masks,
-    start_partial,
-)
+from rpp_triton.artifacts import CONTROLLER_FILE
 from rpp_triton.errors import UsageError
-from rpp_triton.models import mlm_head  # noqa: F401
-from rpp_triton.tiles import (  # noqa: F401
-    as_block,
-    count_nonzero,
-    hard_prune,
-    layer_table,
-    mask_digest,
-    sparsity_of,
-)
-
-
-def freeze_with_masks(optimizer, named: list[tuple[str, torch.Tensor]], masks: dict) -> None:
-    """Freeze the optimizer's masks at exactly `masks` ({name: bool mask}). A kept tile that RPP
-    had already zeroed (the sparsity overshot the target) stays kept, so the recovery steps grow
-    it back and the pruned share stays the target."""
-    optimizer.freeze_masks({p: masks[name] for name, p in named})
-
-
-def count_sparsity(optimizer) -> float:
-    """Share of zeros over the pruned weights: the kernel's own counts on the GPU."""
-    named = pruned_named_params(optimizer)
-    if any(p.is_cuda for _, p in named):
-        return optimizer.sparsity()
-    return sparsity_of(p for _, p in named)
-
-
-def pruned_named_params(optimizer) -> list[tuple[str, torch.Tensor]]:
-    out = []
-    for group in optimizer.param_groups:
-        if group.get("prune", True):
-            names = group.get("param_names") or [f"param{i}" for i in range(len(group["params"]))]
-            out.extend(zip(names, group["params"]))
-    return out
-
-
-def ranks_agree(digest: str) -> bool:
-    """True when every rank holds the same digest (trivially true on one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return True
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, digest)
-    return len(set(gathered)) == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Lambda controller
+from rpp_triton.tiles import as_block, hard_prune, layer_table, mask_digest
+from rpp_triton.training.trainer import count_sparsity, freeze_with_masks, pruned_named_params, ranks_agree
 
 
 def _trainer_callback_base():
@@ -233,112 +173,3 @@ class SparsityController(_trainer_callback_base()):
         for key in ("lam", "hard_pruned", "evals", "pre_prune_sparsity", "mask_digest", "ranks_agree"):
             setattr(self, key, state[key])
         self.last_sparsity = state.get("last_sparsity", 0.0)
-
-
-class MaskedPositions:
-    """Forward pre-hook on the masked-LM head: while `select` is set, only the positions it marks
-    (the ~15% that carry a label) reach the head. MiniLM's head projects 384 features onto 30522
-    words, more arithmetic than the whole encoder when it runs on every position."""
-
-    def __init__(self, head):
-        self.select = None
-        head.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        if self.select is None:
-            return None
-        return (args[0][self.select], *args[1:])
-
-    def loss(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean cross-entropy over the labelled positions, their predictions, their labels)."""
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        self.select = labels != -100
-        try:
-            logits = model(**inputs).logits
-        finally:
-            select, self.select = self.select, None
-        target = labels[select]
-        if target.numel() == 0:
-            return logits.sum() * 0.0, target, target
-        loss = torch.nn.functional.cross_entropy(logits.float(), target)
-        return loss, logits.argmax(-1), target
-
-
-def make_trainer_class():
-    """`Trainer` whose logs carry lambda and per-layer sparsity, so TensorBoard and the training
-    log get them. With `masked_lm` set (a `MaskedPositions`) the loss and the evaluation run the
-    masked-LM head on labelled positions only."""
-    from transformers import Trainer
-    from transformers.trainer_callback import ProgressCallback
-
-    class ConsoleProgress(ProgressCallback):
-        """The progress bar's log lines without the per-layer sparsity (TensorBoard and
-        training_log.json keep it): 36+ numbers per line buried the loss and lambda."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = {k: v for k, v in (logs or {}).items() if not k.startswith("sparsity/")}
-            return super().on_log(args, state, control, logs=logs, **kwargs)
-
-    class RPPTrainer(Trainer):
-        controller: SparsityController | None = None
-        masked_lm: MaskedPositions | None = None
-        loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if self.pop_callback(ProgressCallback) is not None:
-                self.add_callback(ConsoleProgress)
-
-        def log(self, logs, *args, **kwargs):
-            if self.controller is not None and "loss" in logs:
-                logs = {**logs, **self.controller.log_fields()}
-            return super().log(logs, *args, **kwargs)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.masked_lm is None or return_outputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return self.masked_lm.loss(model, inputs)[0]
-
-        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            if self.masked_lm is None:
-                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-            # Every rank scores the whole (small) held-out set with identical weights, so no gather.
-            data = eval_dataset if eval_dataset is not None else self.eval_dataset
-            metrics = {
-                f"{metric_key_prefix}_{k}": v
-                for k, v in evaluate_mlm(self.model, data, self.masked_lm, self.args.eval_batch_size).items()
-            }
-            self.log(metrics)
-            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-            return metrics
-
-    return RPPTrainer
-
-
-@torch.no_grad()
-def evaluate_mlm(model, blocks: list[dict], masked_lm: MaskedPositions, batch_size: int) -> dict:
-    """Masked-LM loss (mean over labelled tokens) and accuracy on pre-masked `blocks`."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum, correct, count = 0.0, 0, 0
-    try:
-        for start in range(0, len(blocks), batch_size):
-            rows = blocks[start : start + batch_size]
-            batch = {k: torch.tensor([r[k] for r in rows], device=device) for k in rows[0]}
-            loss, preds, labels = masked_lm.loss(model, batch)
-            loss_sum += float(loss) * labels.numel()
-            correct += int((preds == labels).sum())
-            count += labels.numel()
-    finally:
-        model.train(was_training)
-    return {"loss": loss_sum / max(count, 1), "mlm_accuracy": correct / max(count, 1)}
-
-
-def default_report_to() -> list[str]:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return []
-    return ["tensorboard"]

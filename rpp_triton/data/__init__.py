@@ -1,0 +1,1 @@
+"""Data: text sources (`sources`), masked-LM text (`text`) and downstream tasks (`tasks`)."""
