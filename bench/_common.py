@@ -87,3 +87,11 @@ def median_seconds(benchmark) -> float | None:
     """The median of a finished pytest-benchmark run; None when timing is off (`--benchmark-disable`)."""
     stats = benchmark.stats
     return stats.stats.median if stats is not None else None
+
+
+def record(benchmark, seconds: float | None, info: dict, per_second: dict | None = None) -> None:
+    """Store `info` in the benchmark's extra_info, and each `per_second` amount divided by `seconds`
+    (a rate) unless timing was off."""
+    benchmark.extra_info.update(info)
+    if seconds is not None:
+        benchmark.extra_info.update({k: v / seconds for k, v in (per_second or {}).items()})

@@ -3,32 +3,26 @@
     python -m pytest bench/bench_bsmm.py -q --benchmark-json=bench/results/bsmm_cpu.json
     python bench/plot_bsmm.py bench/results/bsmm_cpu.json bench/results/bsmm_cpu.png
 
-CPU: fp32 only, 2 threads (the machine's cores), a short list of cases. CUDA: bf16, BERT-base
-shapes at 0-95% tile sparsity, tiles 32 and 64; skipped without a GPU. Each timed call on the GPU
+CPU: fp32 only, `RPP_BENCH_CPU_THREADS` threads (default 1), a short list of cases. CUDA: bf16,
+BERT-base shapes at 0-95% tile sparsity, tiles 32 and 64; skipped without a GPU. Each timed call on the GPU
 replays `GPU_INNER` products from a CUDA graph and synchronises (device time, launch overhead left
 out for every implementation alike; eager if capture fails, see extra_info["cuda_graph"]).
 The whole-encoder cases compare a random BERT-base encoder, dense vs sparsified at 80%.
 """
 
-import os
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _common import BERT_BASE_LINEARS as SHAPES
+from _common import BERT_BASE_TOKENS as M
+from _common import cpu_threads, device_name, median_seconds, pruned_bert, pruned_linear, record
 
 import rpp_triton as rpp
 
 HAS_CUDA = torch.cuda.is_available()
-# One thread by default: two OpenMP threads on a shared 2-core machine stall each other (see
-# bench_adam_prox.py); BSMM_CPU_THREADS=2 on an idle machine.
-CPU_THREADS = int(os.environ.get("BSMM_CPU_THREADS", "1"))
 GPU_INNER = 10
-M = 8192  # BERT-base tokens per batch: 64 sequences of 128
-
-# (name, out_features, in_features) of BERT-base's linear layers.
-SHAPES = {"ffn_in": (3072, 768), "ffn_out": (768, 3072), "attn": (768, 768)}
 
 GPU_CASES = [
     (shape, sp, tile)
@@ -47,23 +41,6 @@ CPU_CASES = [
     ("attn", 2048, 0.9, 32),
 ]
 IMPLS = ["dense", "torch_bsr", "bsmm"]
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu x{torch.get_num_threads()} threads"
-
-
-def pruned_linear(out_f, in_f, sparsity, tile, dtype, device) -> nn.Linear:
-    """A linear layer with exactly round(sparsity * tiles) random all-zero tiles."""
-    linear = nn.Linear(in_f, out_f).to(device=device, dtype=dtype).requires_grad_(False)
-    rows, cols = out_f // tile, in_f // tile
-    keep = torch.ones(rows * cols, dtype=torch.bool)
-    keep[torch.randperm(rows * cols)[: round(sparsity * rows * cols)]] = False
-    mask = keep.view(rows, cols).repeat_interleave(tile, 0).repeat_interleave(tile, 1)
-    linear.weight.mul_(mask.to(device=device, dtype=dtype))
-    return linear
 
 
 def make_fn(impl, linear, x, tile):
@@ -91,10 +68,11 @@ def make_fn(impl, linear, x, tile):
 
 def run(benchmark, fn, device, rounds, graph=False):
     """Time `fn`; on CUDA, GPU_INNER calls per timed call (replayed from a CUDA graph if `graph`, so the
-    ratio compares device time rather than Python launch overhead)."""
+    ratio compares device time rather than Python launch overhead). Returns (seconds per call, None
+    under --benchmark-disable; whether a CUDA graph replayed)."""
     if device != "cuda":
         benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1)
-        return False
+        return median_seconds(benchmark), False
 
     def eager():
         for _ in range(GPU_INNER):
@@ -118,7 +96,8 @@ def run(benchmark, fn, device, rounds, graph=False):
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=2)
-    return graph
+    t = median_seconds(benchmark)
+    return (t / GPU_INNER if t is not None else None), graph
 
 
 def linear_case(benchmark, device, dtype, shape, m, sparsity, tile, impl, rounds):
@@ -137,20 +116,20 @@ def linear_case(benchmark, device, dtype, shape, m, sparsity, tile, impl, rounds
         benchmark.group = (
             f"{device} {shape} x[{m},{in_f}] W[{out_f},{in_f}] {dt} sparsity={sparsity} tile={tile}"
         )
-        graphed = run(benchmark, fn, device, rounds, graph=True)
-    t = benchmark.stats.stats.median / (GPU_INNER if device == "cuda" else 1)
+        t, graphed = run(benchmark, fn, device, rounds, graph=True)
     flops = 2 * m * in_f * out_f
-    benchmark.extra_info.update(
+    info = dict(
         impl=impl, shape=[m, in_f, out_f], dtype=str(dtype), sparsity=sparsity, tile=[tile, tile],
-        device=device_name(device), cuda_graph=graphed, dense_equiv_tflops=flops / t / 1e12,
-        useful_tflops=flops * (1 - sparsity) / t / 1e12,
+        device=device_name(device), cuda_graph=graphed,
     )  # fmt: skip
+    tflop = {"dense_equiv_tflops": flops / 1e12, "useful_tflops": flops * (1 - sparsity) / 1e12}
+    record(benchmark, t, info, tflop)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-m{c[1]}-sp{c[2]}-tile{c[3]}")
 def test_cpu_fp32(benchmark, case, impl):
-    torch.set_num_threads(CPU_THREADS)
+    torch.set_num_threads(cpu_threads())
     shape, m, sparsity, tile = case
     rounds = 3 if m == M else 5
     if impl == "torch_bsr" and sparsity < 0.9:
@@ -175,20 +154,15 @@ ENCODER_CASES = [("cpu", torch.float32, 2), ("cuda", torch.bfloat16, 64)]
 @pytest.mark.parametrize("form", ["dense", "sparse"])
 @pytest.mark.parametrize("setup", ENCODER_CASES, ids=lambda c: f"{c[0]}-batch{c[2]}")
 def test_bert_base_encoder(benchmark, setup, form):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     device, dtype, batch = setup
     if device == "cuda" and not HAS_CUDA:
         pytest.skip("needs a CUDA device")
     if device == "cpu":
-        torch.set_num_threads(CPU_THREADS)
+        torch.set_num_threads(cpu_threads())
     torch.manual_seed(0)
     sparsity, tile, seq = 0.8, 32, 128
-    model = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    for module in model.encoder.modules():
-        if isinstance(module, nn.Linear):
-            pruned = pruned_linear(*module.weight.shape, sparsity, tile, dtype, device)
-            module.weight.copy_(pruned.weight)
+    model = pruned_bert(sparsity, tile, dtype, device)
     if form == "sparse":
         rpp.sparsify(model, block_size=tile, min_sparsity=0.5)
     ids = torch.randint(0, 30522, (batch, seq), device=device)
@@ -197,9 +171,9 @@ def test_bert_base_encoder(benchmark, setup, form):
         benchmark.group = (
             f"{device} bert-base encoder batch={batch} seq={seq} {str(dtype)[6:]} sparsity={sparsity}"
         )
-        run(benchmark, fn, device, rounds=3 if device == "cpu" else 10)
-    t = benchmark.stats.stats.median / (GPU_INNER if device == "cuda" else 1)
-    benchmark.extra_info.update(
+        t, _ = run(benchmark, fn, device, rounds=3 if device == "cpu" else 10)
+    info = dict(
         impl=form, shape=[batch, seq, 768], dtype=str(dtype), sparsity=sparsity, tile=[tile, tile],
-        device=device_name(device), sequences_per_s=batch / t,
+        device=device_name(device),
     )  # fmt: skip
+    record(benchmark, t, info, {"sequences_per_s": batch})

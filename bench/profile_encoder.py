@@ -9,7 +9,7 @@ pinned on a kernel rather than guessed.
 import argparse
 
 import torch
-from torch import nn
+from _common import pruned_bert
 from torch.profiler import ProfilerActivity, profile
 
 import rpp_triton as rpp
@@ -24,17 +24,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("profile_encoder: needs a CUDA device; skipped")
         return
-    import transformers
-
     torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(), add_pooling_layer=False)
-    model = model.cuda().to(torch.bfloat16).eval().requires_grad_(False)
-    for module in model.encoder.modules():
-        if isinstance(module, nn.Linear):
-            w = module.weight
-            rows, cols = w.shape[0] // 32, w.shape[1] // 32
-            keep = torch.rand(rows, cols, device=w.device) >= args.sparsity
-            w.mul_(keep.repeat_interleave(32, 0).repeat_interleave(32, 1).to(w.dtype))
+    model = pruned_bert(args.sparsity, 32, torch.bfloat16, "cuda")
     ids = torch.randint(0, 30522, (args.batch, args.seq), device="cuda")
     for form in ("dense", "sparse"):
         if form == "sparse":

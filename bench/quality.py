@@ -14,16 +14,14 @@ Each config runs in its own process; a config is only started while the budget h
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 
-import torch
+from _common import machine_info
 
 CONFIGS = [(0.0, 1)] + [(s, b) for s in (0.5, 0.7, 0.8, 0.9) for b in (1, 32)]
 # The ends of the range first, so a run cut short by its budget still spans it.
@@ -80,7 +78,7 @@ def one_config(sparsity: float, block: int, opts, work: str, log) -> dict:
 def markdown(results: dict, opts, meta: dict) -> str:
     from collections import Counter
 
-    from rpp_triton.data import pydoc_topic_task
+    from rpp_triton.data.tasks import pydoc_topic_task
 
     task = pydoc_topic_task()
     majority = max(Counter(r["label"] for r in task.eval).values()) / len(task.eval)
@@ -129,6 +127,14 @@ def markdown(results: dict, opts, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_markdown(results: dict, opts, meta: dict) -> str:
+    """Write the table to `opts.markdown` and return it."""
+    text = markdown(results, opts, meta)
+    with open(opts.markdown, "w") as f:
+        f.write(text)
+    return text
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="bench/results/quality_cpu.json")
@@ -152,15 +158,9 @@ def main() -> int:
         results = saved.get("results", {})
     if opts.render_only:
         settings = argparse.Namespace(**{**vars(opts), **saved.get("settings", {})})
-        with open(opts.markdown, "w") as f:
-            f.write(markdown(results, settings, saved["meta"]))
+        write_markdown(results, settings, saved["meta"])
         return 0
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    meta = machine_info()
     os.makedirs(opts.work_dir, exist_ok=True)
     started = time.time()
     durations = [r["prune_seconds"] + r["finetune_seconds"] for r in results.values()]
@@ -180,11 +180,8 @@ def main() -> int:
             with open(opts.output + ".tmp", "w") as f:
                 json.dump({"settings": vars(opts), "meta": meta, "results": results}, f, indent=1)
             os.replace(opts.output + ".tmp", opts.output)
-            with open(opts.markdown, "w") as f:
-                f.write(markdown(results, opts, meta))
-    with open(opts.markdown, "w") as f:
-        f.write(markdown(results, opts, meta))
-    print(open(opts.markdown).read())
+            write_markdown(results, opts, meta)
+    print(write_markdown(results, opts, meta))
     return 0
 
 
