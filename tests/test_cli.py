@@ -102,14 +102,6 @@ def test_bad_block_size_and_untileable_shapes(files, tmp_path, capsys):
     fails(prune_argv(files, tmp_path / "o", "--block-size", "3x5"), capsys, "block_size")
 
 
-def test_unknown_task(files, tmp_path, capsys):
-    fails(
-        ["finetune", "--model", files["model"], "--task", "nope", "--output-dir", str(tmp_path / "o")],
-        capsys,
-        "nope",
-    )
-
-
 def test_output_dir_holding_another_run_is_refused_and_kept(files, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -171,14 +163,3 @@ def test_resume_with_different_settings(files, checkpoint, tmp_path, capsys):
 def test_report_on_missing_or_empty_dir(tmp_path, capsys):
     fails(["report", str(tmp_path / "none")], capsys, "does not exist")
     fails(["report", str(tmp_path)], capsys, "safetensors")
-
-
-def test_finetune_local_jsonl_with_string_labels(files, tmp_path):
-    out = tmp_path / "ft"
-    argv = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir", str(out)]
-    assert main([*argv, "--max-steps", "4", "--max-length", "32"]) == 0
-    import json
-
-    report = json.loads((out / "finetune_report.json").read_text())
-    assert report["labels"] == ["no", "yes"]
-    assert report["sparsity_before"] == report["sparsity_after"] == 0.0
