@@ -124,7 +124,7 @@ class BlockSparseLinear(nn.Module):
         # The CPU path's per-block-row layout, rebuilt only when the tiles change (in place or .to()).
         key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
         if getattr(self, "_plan_key", None) != key:
-            self._plan_cache = bsmm_cpu_plan(self.values, self.col_idx, self.row_ptr)
+            self._plan_cache = bsmm_cpu_plan(self.values, self.col_idx, self.row_ptr, self.in_features)
             self._plan_key = key
         return self._plan_cache
 

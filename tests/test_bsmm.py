@@ -1,6 +1,7 @@
 """bsmm (Triton kernel, run by the interpreter on CPU) and its PyTorch fallback against dense F.linear
 on the masked weight."""
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -8,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rpp_triton.backend import interpreting
-from rpp_triton.kernels import bsmm as bsmm_mod
-from rpp_triton.kernels.bsmm import bsmm, bsmm_ref, bsr_from_dense, bsr_to_dense
+from rpp_triton.kernels.bsmm import bsmm, bsmm_cpu_plan, bsmm_ref, bsr_from_dense, bsr_to_dense
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # The kernel on CPU tensors needs the interpreter; on a GPU machine the CUDA cases below cover it.
@@ -114,20 +114,29 @@ def test_kernel_matches_dense(case):
     run_case(case, bsmm)
 
 
+@on_cpu_kernel
+@pytest.mark.parametrize("block_m, rows", [(16, 1), (64, 3)], ids=["m16-rows1", "m64-rows3"])
+def test_kernel_tuning_arguments(block_m, rows):
+    case = Case((37,), 4, 3, (16, 16), "empty_rows")
+    run_case(case, functools.partial(bsmm, block_m=block_m, rows=rows))
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fallback_matches_dense(case):
     run_case(case, bsmm_ref)
 
 
-@pytest.mark.parametrize("density", [0.3, 0.9], ids=["gather-path", "dense-path"])
-def test_fallback_chunks_and_both_paths(monkeypatch, density):
-    # Tiny chunks force several row chunks through the gather path; high density takes the dense path.
-    monkeypatch.setattr(bsmm_mod, "_CPU_CHUNK_BYTES", 3 * 64 * 4)
-    keep = torch.rand(4, 4) < density
+@pytest.mark.parametrize("dense_above", [1.0, 0.0], ids=["gather-path", "dense-path"])
+def test_fallback_chunks_and_both_paths(dense_above):
+    # Tiny chunks force several row chunks through the gather path.
+    keep = torch.rand(4, 4) < 0.5
     keep[0, 0] = True
     w = torch.randn(64, 64) * keep.repeat_interleave(16, 0).repeat_interleave(16, 1)
     x, b = torch.randn(2, 11, 64), torch.randn(64)
-    y = bsmm_ref(x, *bsr_from_dense(w, (16, 16)), b)
+    bsr = bsr_from_dense(w, (16, 16))
+    plan = bsmm_cpu_plan(*bsr, 64, dense_above=dense_above)
+    assert isinstance(plan, torch.Tensor) == (dense_above == 0.0)
+    y = bsmm_ref(x, *bsr, b, plan=plan, chunk_bytes=3 * 64 * 4)
     torch.testing.assert_close(y, F.linear(x, w, b), atol=1e-5, rtol=1e-4)
 
 
