@@ -1,6 +1,6 @@
 """Fused RPP optimizer step: AdamW update + reweighted proximal thresholding + mask, one pass.
 
-Part 1 (`*_ref`) is the readable statement of the maths in DESIGN.md. It is the PyTorch fallback
+Part 1 (`*_ref`) is the readable statement of the maths in docs/design.md. It is the PyTorch fallback
 (compiled with torch.compile on the CPU) and the oracle the Triton kernel is tested against, so
 the two cannot drift apart.
 
@@ -194,7 +194,47 @@ def rpp_step_ref(
 
 # ---- part 2: the Triton kernel ------------------------------------------------------------------
 
-MODE_ADAMW, MODE_FROZEN, MODE_SOFT, MODE_TILES = 0, 1, 2, 3
+# What the kernel does after the Adam update (a compile-time choice: one kernel, four variants).
+MODE_ADAMW: tl.constexpr = tl.constexpr(0)  # p = z
+MODE_FROZEN: tl.constexpr = tl.constexpr(1)  # p = z * mask
+MODE_SOFT: tl.constexpr = tl.constexpr(2)  # 1x1 tiles: soft threshold
+MODE_TILES: tl.constexpr = tl.constexpr(3)  # group prox per tile
+
+
+@triton.jit
+def _per_tensor(tab_ptr, t, ALIGNED: tl.constexpr):
+    """Tensor t's entry of a per-tensor table (offsets, columns): a multiple of 4 when ALIGNED."""
+    off = tl.load(tab_ptr + t)
+    if ALIGNED:
+        off = tl.multiple_of(off, 4)
+    return off
+
+
+@triton.jit
+def _element_range(work_start_ptr, numel_ptr, pid, t, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """The BLOCK elements of tensor t that program pid owns, and which of them exist."""
+    start = tl.load(work_start_ptr + pid)
+    numel = tl.load(numel_ptr + t)
+    if ALIGNED:
+        start = tl.multiple_of(start, 4)  # an element index, a multiple of BLOCK
+        # With numel a multiple of 16 the bounds mask is constant over 16 elements, so the
+        # masked loads still vectorise (an unknown numel cost ~2x in the 1x1 mode on an H100).
+        numel = tl.multiple_of(numel, 16)
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < numel
+
+
+@triton.jit
+def _adam_moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, inb, beta1, beta2):
+    """Load p, g, m, v; return p, the old and new moments, and where g is finite."""
+    p = tl.load(p_ptr + offs, mask=inb, other=0.0)
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=inb, other=0.0)
+    v = tl.load(v_ptr + offs, mask=inb, other=0.0)
+    m_new = beta1 * m + (1 - beta1) * g
+    v_new = beta2 * v + (1 - beta2) * g * g
+    ok = (g == g) & (tl.abs(g) != float("inf"))
+    return p, m, v, m_new, v_new, ok
 
 
 @triton.jit
@@ -236,38 +276,19 @@ def _adam_prox_kernel(
 ):
     pid = tl.program_id(0)
     t = tl.load(work_tensor_ptr + pid)
-    start = tl.load(work_start_ptr + pid)
-    numel = tl.load(numel_ptr + t)
     # Offsets from base pointers, not addresses loaded from memory: the compiler knows the bases are
     # 16-byte aligned and, with ALIGNED (checked on the host), that the offsets keep them so, and
     # then issues 128-bit loads. Pointers cast from loaded integers ran at ~40% of copy bandwidth.
-    p_off = tl.load(p_tab_ptr + t)
-    g_off = tl.load(g_tab_ptr + t)
-    m_off = tl.load(m_tab_ptr + t)
-    v_off = tl.load(v_tab_ptr + t)
-    aux_off = tl.load(aux_tab_ptr + t)
-    if ALIGNED:
-        p_off = tl.multiple_of(p_off, 4)
-        g_off = tl.multiple_of(g_off, 4)
-        m_off = tl.multiple_of(m_off, 4)
-        v_off = tl.multiple_of(v_off, 4)
-        aux_off = tl.multiple_of(aux_off, 4)
-        if MODE != 3:
-            start = tl.multiple_of(start, 4)  # an element index, a multiple of BLOCK
-            # With numel a multiple of 16 the bounds mask is constant over 16 elements, so the
-            # masked loads still vectorise (an unknown numel cost ~2x in the 1x1 mode on an H100).
-            numel = tl.multiple_of(numel, 16)
-    p_ptr = p_base_ptr + p_off
-    g_ptr = g_base_ptr + g_off
-    m_ptr = m_base_ptr + m_off
-    v_ptr = v_base_ptr + v_off
-    aux_ptr = aux_base_ptr + aux_off
+    p_ptr = p_base_ptr + _per_tensor(p_tab_ptr, t, ALIGNED)
+    g_ptr = g_base_ptr + _per_tensor(g_tab_ptr, t, ALIGNED)
+    m_ptr = m_base_ptr + _per_tensor(m_tab_ptr, t, ALIGNED)
+    v_ptr = v_base_ptr + _per_tensor(v_tab_ptr, t, ALIGNED)
+    aux_ptr = aux_base_ptr + _per_tensor(aux_tab_ptr, t, ALIGNED)
 
-    if MODE == 3:
-        # start is a tile index (row-major over [rows / TILE_H, cols / TILE_W]); NT tiles of a tile-row.
-        cols = tl.load(cols_ptr + t)
-        if ALIGNED:
-            cols = tl.multiple_of(cols, 4)
+    if MODE == MODE_TILES:
+        # work_start is a tile index (row-major over [rows / TILE_H, cols / TILE_W]); NT tiles of a tile-row.
+        start = tl.load(work_start_ptr + pid)
+        cols = _per_tensor(cols_ptr, t, ALIGNED)
         n_tile_cols = cols // TILE_W
         tile_row = start // n_tile_cols
         tile_col = start % n_tile_cols + tl.arange(0, NT)
@@ -284,19 +305,11 @@ def _adam_prox_kernel(
             & (c < TILE_W)[None, None, :]
         )
     else:
-        offs = start + tl.arange(0, BLOCK)
-        inb = offs < numel
+        offs, inb = _element_range(work_start_ptr, numel_ptr, pid, t, BLOCK, ALIGNED)
 
-    p = tl.load(p_ptr + offs, mask=inb, other=0.0)
-    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=inb, other=0.0)
-    v = tl.load(v_ptr + offs, mask=inb, other=0.0)
-
-    m_new = beta1 * m + (1 - beta1) * g
-    v_new = beta2 * v + (1 - beta2) * g * g
+    p, m, v, m_new, v_new, ok = _adam_moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, inb, beta1, beta2)
     z = p - step_size * m_new / (tl.sqrt(v_new) * inv_sqrt_bias2 + eps) - (lr * weight_decay) * p
     # NaN or Inf in g: keep the element as it was (z = p, moments unchanged) and count it.
-    ok = (g == g) & (tl.abs(g) != float("inf"))
     z = tl.where(ok, z, p)
     m_new = tl.where(ok, m_new, m)
     v_new = tl.where(ok, v_new, v)
@@ -305,21 +318,19 @@ def _adam_prox_kernel(
         bad_ptr = tl.load(bad_tab_ptr + t).to(tl.pointer_type(tl.int64))
         tl.atomic_add(bad_ptr, n_bad)
 
-    if MODE == 1:
+    if MODE == MODE_FROZEN:
         keep = tl.load(aux_ptr + offs, mask=inb, other=0)
         z = tl.where(keep != 0, z, 0.0)
-    if MODE == 2:
-        alpha_ptr = aux_ptr
-        alpha = tl.load(alpha_ptr + offs, mask=inb, other=1.0)
+    if MODE == MODE_SOFT:
+        alpha = tl.load(aux_ptr + offs, mask=inb, other=1.0)
         shrunk = tl.maximum(tl.abs(z) - tau * alpha, 0.0)
         prox = tl.where(z < 0, -shrunk, shrunk)
         if REWEIGHT:
-            tl.store(alpha_ptr + offs, tl.where(ok, 1.0 / (shrunk + reweight_eps), alpha), mask=inb)
+            tl.store(aux_ptr + offs, tl.where(ok, 1.0 / (shrunk + reweight_eps), alpha), mask=inb)
         z = tl.where(ok, prox, p)
-    if MODE == 3:
-        alpha_ptr = aux_ptr
+    if MODE == MODE_TILES:
         tile_ok = tile_col < n_tile_cols
-        alpha = tl.load(alpha_ptr + tile_row * n_tile_cols + tile_col, mask=tile_ok, other=1.0)
+        alpha = tl.load(aux_ptr + tile_row * n_tile_cols + tile_col, mask=tile_ok, other=1.0)
         sumsq = tl.sum(tl.sum(z * z, axis=2), axis=0)
         rms = tl.sqrt(sumsq / (TILE_H * TILE_W))
         scale = tl.where(rms > 0, tl.maximum(1 - tau * alpha / tl.where(rms > 0, rms, 1.0), 0.0), 0.0)
@@ -327,7 +338,7 @@ def _adam_prox_kernel(
         if REWEIGHT:
             # rms(p_B) = scale_B * rms(z_B): no second pass over the tile.
             tl.store(
-                alpha_ptr + tile_row * n_tile_cols + tile_col,
+                aux_ptr + tile_row * n_tile_cols + tile_col,
                 1.0 / (scale * rms + reweight_eps),
                 mask=tile_ok,
             )
@@ -335,20 +346,17 @@ def _adam_prox_kernel(
     tl.store(p_ptr + offs, z, mask=inb)
     tl.store(m_ptr + offs, m_new, mask=inb)
     tl.store(v_ptr + offs, v_new, mask=inb)
-    if MODE != 0:
+    if MODE != MODE_ADAMW:
         tl.store(nnz_ptr + pid, tl.sum((inb & (z != 0)).to(tl.int32)))
 
 
 # ---- part 3: the launcher -----------------------------------------------------------------------
 
 _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# Work per program and warps per program on the GPU (bench/sweep_adam_prox.py measures choices).
-# Measured on an H100 (bench/sweep_adam_prox.py, BERT-base weights, fused AdamW 0.94 ms): tiles ran
-# best with 2048 elements and 8 warps (0.85 ms), elementwise modes with 1024 and 8 (1.08 ms);
-# 8192 elements spilled registers (4-15 ms).
-ELEMENTS_PER_PROGRAM = 2048
-ELEMENTWISE_ELEMENTS_PER_PROGRAM = 1024
-GPU_NUM_WARPS = 8
+# Work per program by default (bench/sweep_adam_prox.py measures choices). Measured on an H100 with
+# BERT-base weights (fused AdamW 0.94 ms): tiles ran best with 2048 elements and 8 warps (0.85 ms),
+# elementwise modes with 1024 and 8 (1.08 ms); 8192 elements spilled registers (4-15 ms).
+_DEFAULT_ELEMENTS = {"tiles": 2048, "elementwise": 1024}
 
 
 @dataclass
@@ -370,18 +378,28 @@ def _pow2(n: int) -> int:
 
 
 def make_plan(
-    params, grads, exp_avgs, exp_avg_sqs, auxes, counters, *, mode: int, block: Block
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    auxes,
+    counters,
+    *,
+    mode: int,
+    block: Block,
+    elements_per_program: int | None = None,
 ) -> AdamProxPlan:
     """Build the pointer and work tables for `adam_prox` (host work, done once per tensor set)."""
     device = params[0].device
-    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block)
+    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block, elements_per_program)
     work_tensor, work_start = [], []
     if mode == MODE_TILES:
         bh, bw = block
         BH, BW = _pow2(bh), _pow2(bw)
-        # NT whole tiles of one tile-row per program: ~ELEMENTS_PER_PROGRAM elements, no wider than a row.
+        # NT whole tiles of one tile-row per program: ~elements_per_program elements, no wider than a row.
         widest = max(p.shape[1] // bw for p in params)
-        NT = min(max(1, ELEMENTS_PER_PROGRAM // (BH * BW)), _pow2(widest))
+        elements = elements_per_program or _DEFAULT_ELEMENTS["tiles"]
+        NT = min(max(1, elements // (BH * BW)), _pow2(widest))
         meta = dict(BLOCK=1, TILE_H=bh, TILE_W=bw, BH=BH, BW=BW, NT=NT)
         for i, p in enumerate(params):
             rows, cols = p.shape[0] // bh, p.shape[1] // bw
@@ -390,7 +408,7 @@ def make_plan(
                     work_tensor.append(i)
                     work_start.append(r * cols + c)
     else:
-        block_elems = ELEMENTWISE_ELEMENTS_PER_PROGRAM
+        block_elems = elements_per_program or _DEFAULT_ELEMENTS["elementwise"]
         meta = dict(BLOCK=block_elems, TILE_H=1, TILE_W=1, BH=1, BW=1, NT=1)
         for i, p in enumerate(params):
             for s in range(0, p.numel(), block_elems):
@@ -415,13 +433,13 @@ def make_plan(
     return AdamProxPlan(key, mode, block, tables, len(work_tensor), nnz, meta, grad_key)
 
 
-def _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block):
+def _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block, elements_per_program):
     ptrs = tuple(
         t.data_ptr() if t is not None else 0
         for ts in (params, exp_avgs, exp_avg_sqs, auxes, counters)
         for t in ts
     )
-    return (mode, block, tuple(g.dtype for g in grads), ptrs)
+    return (mode, block, elements_per_program, tuple(g.dtype for g in grads), ptrs)
 
 
 def _to_device(values: list[int], device) -> torch.Tensor:
@@ -483,6 +501,8 @@ def adam_prox(
     block: Block = (1, 1),
     reweight: bool = False,
     plan: AdamProxPlan | None = None,
+    elements_per_program: int | None = None,
+    num_warps: int = 8,
 ) -> AdamProxPlan:
     """One fused RPP step over many tensors in one launch (per gradient dtype), in place.
 
@@ -493,7 +513,8 @@ def adam_prox(
     Elements with a non-finite gradient are skipped and counted in `counters` (int64, per tensor).
     Returns the plan (pass it back next step: its tables are rebuilt only if a weight or state
     moved, and only the gradient addresses if a gradient did); `plan.nnz` holds the non-zeros
-    written by each program.
+    written by each program. Tuning (bench/sweep_adam_prox.py): `elements_per_program` (default 2048
+    for tiles, 1024 elementwise) and `num_warps` (GPU only; the interpreter runs one).
     """
     if not params:
         raise ValueError("adam_prox needs at least one tensor")
@@ -512,9 +533,19 @@ def adam_prox(
             raise ValueError(f"adam_prox: shape mismatch for a parameter of shape {tuple(p.shape)}")
     if len({g.dtype for g in grads}) != 1:
         raise ValueError("adam_prox: one launch takes one gradient dtype")
-    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block)
+    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block, elements_per_program)
     if plan is None or plan.key != key:
-        plan = make_plan(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode=mode, block=block)
+        plan = make_plan(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            auxes,
+            counters,
+            mode=mode,
+            block=block,
+            elements_per_program=elements_per_program,
+        )
     grad_key = tuple(g.data_ptr() for g in grads)
     if grad_key != plan.grad_key:
         # zero_grad(set_to_none=True) may hand out new gradient buffers: refresh their offsets only.
@@ -551,7 +582,7 @@ def adam_prox(
         reweight_eps,
         MODE=mode,
         REWEIGHT=bool(reweight),
-        num_warps=GPU_NUM_WARPS if params[0].is_cuda else 1,
+        num_warps=num_warps if params[0].is_cuda else 1,
         **plan.meta,
     )
     return plan

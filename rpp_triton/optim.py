@@ -41,22 +41,20 @@ def _fast(fn, **constants):
     compiled = _compiled.get(key)
     if compiled is None:
         bound = functools.partial(fn, **constants)
-        if _compile_enabled():
-            # Every variant (mode flags, tile shape, gradient dtype, size-1 specialisations) is a
-            # recompile of the same code object: allow more than dynamo's default of 8.
-            dynamo_config = torch._dynamo.config
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-            compiled = torch.compile(bound, dynamic=True, fullgraph=True)
-        else:
-            compiled = bound
+        compiled = torch.compile(bound, dynamic=True, fullgraph=True) if _compile_enabled() else bound
         _compiled[key] = compiled
 
     def run(*args, **kwargs):
-        try:
+        if isinstance(compiled, functools.partial):
             return compiled(*args, **kwargs)
+        # Every variant (mode flags, tile shape, gradient dtype, size-1 specialisations) is a
+        # recompile of the same code object: allow more than dynamo's default of 8, for these calls
+        # only (the user's own setting is back in place afterwards).
+        limit = max(torch._dynamo.config.recompile_limit, 64)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                return compiled(*args, **kwargs)
         except Exception as exc:
-            if isinstance(compiled, functools.partial):
-                raise
             warnings.warn(f"torch.compile of {fn.__name__} failed ({exc}); using eager PyTorch", stacklevel=2)
             _compiled[key] = functools.partial(fn, **constants)
             return _compiled[key](*args, **kwargs)
@@ -69,7 +67,7 @@ def _is_number(x) -> bool:
 
 
 class RPPAdamW(torch.optim.Optimizer):
-    """AdamW with the reweighted proximal pruning step of arXiv 1909.12486 (see DESIGN.md).
+    """AdamW with the reweighted proximal pruning step of arXiv 1909.12486 (see docs/design.md).
 
     Group keys: every constructor option plus `prune` (default True) and `frozen` (set by
     `freeze_masks`). Gradients holding NaN or Inf do not poison the weights: the elements they

@@ -86,6 +86,24 @@ def test_kernel_matches_reference(mode, block, shapes, gdtype, reweight):
         assert int(plan.nnz.sum()) == sum(int((p != 0).sum()) for p in ps)
 
 
+@pytest.mark.parametrize("mode, block", [(MODE_SOFT, (1, 1)), (MODE_TILES, (2, 4))], ids=["1x1", "tiles"])
+def test_tuning_arguments_change_the_work_split_not_the_result(mode, block):
+    ps, gs, ms, vs, aux = make_tensors([(6, 40), (2, 8)], mode, block, torch.float32)
+    runs = []
+    for elements in (None, 16):
+        out = [[t.clone() for t in ts] for ts in (ps, ms, vs, aux)]
+        counters = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in ps]
+        plan = adam_prox(
+            out[0], gs, out[1], out[2], out[3], counters, **HP, step_size=0.1, inv_sqrt_bias2=10.0,
+            rpp_lambda=2.0, mode=mode, block=block, reweight=True, elements_per_program=elements, num_warps=4,
+        )  # fmt: skip
+        runs.append((plan.n_programs, out))
+    (n_default, default), (n_small, small) = runs
+    assert n_small > n_default
+    for a, b in zip(sum(default, []), sum(small, [])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def run_optimizer(backend, steps=7, freeze_at=4):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(16, 32, device=DEVICE))  # tiled, pruned

@@ -1,4 +1,4 @@
-"""RPPAdamW against hand-checked values of DESIGN.md's formula, torch.optim.AdamW, and itself."""
+"""RPPAdamW against hand-checked values of docs/design.md's formula, torch.optim.AdamW, and itself."""
 
 import copy
 import math
@@ -284,6 +284,19 @@ def test_compiled_and_eager_paths_agree(monkeypatch):
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
         assert torch.equal(a == 0, b == 0)
+
+
+def test_compiling_leaves_the_users_dynamo_settings_alone(monkeypatch):
+    from rpp_triton import optim
+
+    monkeypatch.setenv("RPP_TRITON_COMPILE", "1")
+    monkeypatch.setattr(optim, "_compiled", {})
+    with torch._dynamo.config.patch(recompile_limit=3):
+        for block in (1, 2):  # two compiled variants
+            p = torch.nn.Parameter(torch.randn(4, 4))
+            opt = rpp.RPPAdamW([p], lr=0.1, block_size=block)
+            step_with(opt, [p], [torch.randn(4, 4)])
+        assert torch._dynamo.config.recompile_limit == 3
 
 
 # ---- non-finite gradients ----------------------------------------------------------------------
