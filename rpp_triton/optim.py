@@ -66,6 +66,31 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+# Every state tensor's dtype: load_state_dict keeps these (torch's loader casts to the weight's dtype).
+_STATE_DTYPES = {
+    "exp_avg": torch.float32,
+    "exp_avg_sq": torch.float32,
+    "alpha": torch.float32,
+    "mask": torch.bool,
+    "nonfinite": torch.int64,
+}
+
+
+def _label(group: dict, i: int) -> str:
+    names = group.get("param_names")
+    return repr(names[i]) if names else f"params[{i}]"
+
+
+def _state_shapes(p: torch.Tensor, group: dict) -> dict:
+    """Shape of each state tensor of `p` in `group` (alpha has one entry per tile)."""
+    shapes = {"exp_avg": p.shape, "exp_avg_sq": p.shape, "nonfinite": torch.Size()}
+    if group["prune"]:
+        bh, bw = group["block_size"]
+        tiles = p.shape if (bh, bw) == (1, 1) else torch.Size((p.shape[0] // bh, p.shape[1] // bw))
+        shapes.update(alpha=tiles, mask=p.shape)
+    return shapes
+
+
 class RPPAdamW(torch.optim.Optimizer):
     """AdamW with the reweighted proximal pruning step of arXiv 1909.12486 (see docs/design.md).
 
@@ -115,10 +140,11 @@ class RPPAdamW(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    @staticmethod
-    def _check_group(group: dict, index: int) -> None:
+    def _check_group(self, group: dict, index: int) -> None:
+        opt = type(self).__name__
+
         def bad(name, value, why):
-            raise ValueError(f"RPPAdamW: invalid {name}={value!r} in param group {index}: {why}")
+            raise ValueError(f"{opt}: invalid {name}={value!r} in param group {index}: {why}")
 
         for name in ("lr", "eps", "weight_decay", "rpp_lambda"):
             if not _is_number(group[name]) or group[name] < 0:
@@ -143,37 +169,55 @@ class RPPAdamW(torch.optim.Optimizer):
             check_backend(group["backend"])
         except ValueError as exc:
             bad("backend", group["backend"], str(exc))
-        if not isinstance(group["prune"], bool):
-            bad("prune", group["prune"], "must be True or False")
-        names = group.get("param_names")
+        for flag in ("prune", "frozen"):
+            if not isinstance(group[flag], bool):
+                bad(flag, group[flag], "must be True or False")
         for i, p in enumerate(group["params"]):
-            label = repr(names[i]) if names else f"params[{i}]"
+            label = _label(group, i)
             if not p.is_floating_point():
-                raise ValueError(f"RPPAdamW: parameter {label} in group {index} has dtype {p.dtype}")
+                raise ValueError(f"{opt}: parameter {label} in group {index} has dtype {p.dtype}")
             if group["prune"] and group["block_size"] != (1, 1):
                 bh, bw = group["block_size"]
                 if p.dim() != 2 or p.shape[0] % bh or p.shape[1] % bw:
                     raise ValueError(
-                        f"RPPAdamW: parameter {label} in group {index} has shape {tuple(p.shape)}, "
+                        f"{opt}: parameter {label} in group {index} has shape {tuple(p.shape)}, "
                         f"which block_size={group['block_size']} does not tile: a pruned group with "
                         f"tiles needs 2-D weights whose [out, in] divide by ({bh}, {bw})"
                     )
 
     # ---- state --------------------------------------------------------------------------------
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """p's state, created on first use; every tensor in it is contiguous, whatever p's strides."""
         state = self.state[p]
         if not state:
+            shapes = _state_shapes(p, group)
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(shapes["exp_avg"], dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shapes["exp_avg_sq"], dtype=torch.float32, device=p.device)
             state["nonfinite"] = torch.zeros((), dtype=torch.int64, device=p.device)
             if group["prune"]:
-                bh, bw = group["block_size"]
-                shape = p.shape if (bh, bw) == (1, 1) else (p.shape[0] // bh, p.shape[1] // bw)
-                state["alpha"] = torch.ones(shape, dtype=torch.float32, device=p.device)
+                state["alpha"] = torch.ones(shapes["alpha"], dtype=torch.float32, device=p.device)
         if group["prune"] and group["frozen"] and "mask" not in state:
-            state["mask"] = tile_mask(p.detach(), group["block_size"])
+            state["mask"] = tile_mask(p.detach(), group["block_size"]).contiguous()
         return state
+
+    def _check_state(self, state: dict, p: torch.Tensor, group: dict, index: int, i: int) -> None:
+        """ValueError unless `state` (loaded for p, parameter i of group `index`) fits p and group."""
+        if not state:
+            return
+        where = f"{type(self).__name__}: the state of parameter {_label(group, i)} in group {index}"
+        shapes = _state_shapes(p, group)
+        missing = sorted({"step", *shapes} - {"mask"} - state.keys())
+        if missing:
+            raise ValueError(f"{where} lacks {missing}")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where} has step={step!r}, not an int >= 0")
+        for key, shape in shapes.items():
+            value = state.get(key)
+            if key in state and (not isinstance(value, torch.Tensor) or value.shape != shape):
+                found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{where} has {key} of shape {found}, expected {tuple(shape)}")
 
     # ---- the step -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -216,11 +260,17 @@ class RPPAdamW(torch.optim.Optimizer):
         )
         tau = group["lr"] * group["rpp_lambda"]
         for p, state in zip(params, states):
+            if p.numel() == 0:
+                continue
             flags = self._flags(group, state)
             step_size, inv_sqrt_bias2 = adam_scalars(group["lr"], beta1, beta2, state["step"])
             # detach(): the compiled graph must not see p.grad through p (a bf16 .grad on an fp32 weight
-            # trips its fake tensors); writes still land in p and bump its version counter.
-            flat = [t.detach().view(-1) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+            # trips its fake tensors); writes still land in p and bump its version counter. A strided
+            # weight (e.g. a transposed view) steps in a contiguous copy, written back at the end.
+            w = p.detach()
+            dense = w.contiguous()
+            g = p.grad.detach().reshape(-1)
+            flat = [dense.view(-1), g, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
             if flags["prune"] and not flags["frozen"] and block != (1, 1):
                 # Tiles: Adam in one compiled pass, then PyTorch's own reduction for the tile norms
                 # and one in-place broadcast multiply (compiled, the tile view made inductor emit
@@ -229,7 +279,7 @@ class RPPAdamW(torch.optim.Optimizer):
                     *flat, step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2, **adam
                 )
                 tile_prox_step_ref(
-                    p.detach(),
+                    dense,
                     state["alpha"],
                     tau=tau,
                     block=block,
@@ -250,6 +300,8 @@ class RPPAdamW(torch.optim.Optimizer):
                     **adam,
                 )
             state["nonfinite"] += skipped
+            if dense is not w:
+                w.copy_(dense)
 
     def _step_triton(self, group: dict, params: list, states: list) -> None:
         """Fused kernel: one launch per (step count, gradient dtype) subset of the group, normally one."""
@@ -266,10 +318,10 @@ class RPPAdamW(torch.optim.Optimizer):
         subsets: dict = {}
         fallback = []
         for p, state in zip(params, states):
-            if p.dtype != torch.float32 or not p.is_contiguous() or not p.grad.is_contiguous():
+            if p.dtype != torch.float32 or not p.is_contiguous():
                 fallback.append((p, state))  # the kernel takes contiguous fp32 weights
-                continue
-            subsets.setdefault((state["step"], p.grad.dtype), []).append((p, state))
+            elif p.numel():
+                subsets.setdefault((state["step"], p.grad.dtype), []).append((p, state))
         if fallback:
             self._step_torch(group, [p for p, _ in fallback], [s for _, s in fallback])
         plans = self._plans.setdefault(id(group), {})
@@ -286,7 +338,7 @@ class RPPAdamW(torch.optim.Optimizer):
             step_size, inv_sqrt_bias2 = adam_scalars(group["lr"], beta1, beta2, step)
             plan = k.adam_prox(
                 [p.detach() for p in ps],
-                [p.grad for p in ps],
+                [p.grad.contiguous() for p in ps],
                 [s["exp_avg"] for s in sts],
                 [s["exp_avg_sq"] for s in sts],
                 auxes,
@@ -322,9 +374,50 @@ class RPPAdamW(torch.optim.Optimizer):
                     yield group, p
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load what `state_dict()` returned, checked first like the constructor's input: a
+        ValueError names the group or parameter, and the optimizer stays as it was. Hyperparameters
+        come from the saved groups; `prune` and `block_size` must be this optimizer's; every state
+        tensor must have its shape, and keeps its dtype (moments and alpha fp32, masks bool)."""
+        groups, states = self._checked_load(state_dict)
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        for p, saved in states:
+            for key, dtype in _STATE_DTYPES.items():
+                if key in saved:
+                    self.state[p][key] = saved[key].to(p.device, dtype, memory_format=torch.contiguous_format)
         self._plans.clear()
         self._nnz.clear()
-        super().load_state_dict(state_dict)
+
+    def _checked_load(self, state_dict: dict) -> tuple[list, list]:
+        """The saved groups, validated and normalised, and (param, saved state) pairs."""
+        name = type(self).__name__
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}: the state has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        groups, states = [], []
+        for index, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(ours["params"]):
+                raise ValueError(
+                    f"{name}: param group {index} of the state has {len(saved['params'])} parameters, "
+                    f"this optimizer's {len(ours['params'])}"
+                )
+            group = {**self.defaults, **saved, "params": ours["params"]}
+            self._check_group(group, index)
+            for key in ("prune", "block_size"):
+                if group[key] != ours[key]:
+                    raise ValueError(
+                        f"{name}: param group {index} of the state has {key}={group[key]!r}, "
+                        f"this optimizer's has {ours[key]!r}"
+                    )
+            for i, (saved_id, p) in enumerate(zip(saved["params"], ours["params"])):
+                state = saved_state.get(saved_id, {})
+                self._check_state(state, p, group, index, i)
+                if state:
+                    states.append((p, state))
+            groups.append({**group, "params": saved["params"]})
+        return groups, states
 
     def masks(self) -> dict:
         """Bool mask of p's shape for each pruned parameter (tile-level: a tile is kept if any
@@ -380,7 +473,9 @@ class RPPAdamW(torch.optim.Optimizer):
                                 f"freeze_masks: mask of shape {tuple(mask.shape)} for a parameter of "
                                 f"shape {tuple(p.shape)}"
                             )
-                        state["mask"] = mask.to(device=p.device, dtype=torch.bool).clone()
+                        state["mask"] = mask.to(p.device, torch.bool).clone(
+                            memory_format=torch.contiguous_format
+                        )
 
     def nonfinite_skipped(self) -> int:
         """How many elements were skipped for a NaN or Inf gradient."""

@@ -233,6 +233,67 @@ def test_state_dict_round_trip_continues_identically():
     assert torch.equal(opt3.masks()[model2[0].weight], opt.masks()[model[0].weight])
 
 
+def trained(shape=(8, 8), **options):
+    """An RPPAdamW over one weight named 'enc.weight', after two steps, and that weight."""
+    w = torch.nn.Parameter(torch.randn(shape))
+    opt = rpp.RPPAdamW([{"params": [("enc.weight", w)], **options}], lr=0.05, rpp_lambda=0.5)
+    for _ in range(2):
+        step_with(opt, [w], [torch.randn(shape)])
+    return opt, w
+
+
+def saved_with(group=None, state=None, drop=None, **options):
+    """The state dict of `trained(**options)` with its group and the weight's state edited."""
+    state_dict = copy.deepcopy(trained(**options)[0].state_dict())
+    state_dict["param_groups"][0].update(group or {})
+    state_dict["state"][0].update(state or {})
+    if drop:
+        del state_dict["state"][0][drop]
+    return state_dict
+
+
+# case: (options of the optimizer that loads, what it loads, what the error says)
+LOAD_ERRORS = {
+    "other shape": (
+        dict(shape=(4, 16)),
+        dict(),
+        r"'enc.weight'.*exp_avg of shape \(8, 8\), expected \(4, 16\)",
+    ),
+    "tiles into 1x1": ({}, dict(block_size=4), r"block_size=\(4, 4\).*\(1, 1\)"),
+    "1x1 into tiles": (dict(block_size=4), dict(), r"block_size=\(1, 1\).*\(4, 4\)"),
+    "lr=nan": ({}, dict(group={"lr": float("nan")}), "lr=nan"),
+    "block_size=(0, 0)": ({}, dict(group={"block_size": (0, 0)}), r"block_size=\(0, 0\)"),
+    "frozen=1": ({}, dict(group={"frozen": 1}), "frozen=1"),
+    "no nonfinite": ({}, dict(drop="nonfinite"), r"'enc.weight'.*lacks \['nonfinite'\]"),
+    "step=-1": ({}, dict(state={"step": -1}), "step=-1"),
+    "alpha of other tiles": ({}, dict(state={"alpha": torch.ones(4, 4)}), r"alpha of shape \(4, 4\)"),
+}
+
+
+@pytest.mark.parametrize("case", LOAD_ERRORS, ids=str)
+def test_load_state_dict_checks_first_and_leaves_the_optimizer_as_it_was(case):
+    options, edits, message = LOAD_ERRORS[case]
+    state_dict = saved_with(**edits)
+    opt, w = trained(**options)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state_dict)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for key, value in before["state"][0].items():
+        assert torch.equal(torch.as_tensor(after["state"][0][key]), torch.as_tensor(value))
+    step_with(opt, [w], [torch.randn(w.shape)])  # and it still steps
+
+
+def test_load_state_dict_group_count_must_match():
+    opt, _ = trained()
+    state_dict = opt.state_dict()
+    two = rpp.RPPAdamW([torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(3))])
+    two.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))]})
+    with pytest.raises(ValueError, match="2 param groups|1 param groups"):
+        two.load_state_dict(state_dict)
+
+
 def test_sparsity_rises_with_lambda():
     torch.manual_seed(3)
     x = torch.randn(256, 32)
