@@ -10,6 +10,7 @@ import torch
 from test_serve import WORDS, loader, running, write_model
 
 from rpp_triton import squad
+from rpp_triton.errors import UsageError
 from rpp_triton.serve.predictor import Predictor
 
 MAX_TOKENS, STRIDE = 24, 8
@@ -169,7 +170,7 @@ def test_bad_qa_request_gets_4xx(server, name, payload, status, kind):
 
 
 def test_doc_stride_is_checked(qa_dir):
-    with pytest.raises(ValueError, match="doc_stride"):
+    with pytest.raises(UsageError, match="doc_stride"):
         Predictor.from_pretrained(qa_dir, sparse=False, max_tokens=MAX_TOKENS, doc_stride=MAX_TOKENS // 2)
     predictor = Predictor.from_pretrained(qa_dir, sparse=False, max_tokens=30)
     assert predictor.info.doc_stride == 10

@@ -1,9 +1,12 @@
 """Inference server for (pruned, block-sparse) BERT-family encoders.
 
+- `config`: the typed options (limits, model loading, HTTP, Ray), checked when built.
 - `predictor.Predictor`: loads a model directory, sparsifies it, tokenizes, runs the batched forward.
 - `batching.DynamicBatcher`: groups concurrent requests into batches for one worker thread.
-- `app.create_app`: the FastAPI application (one machine, uvicorn).
-- `ray_app.build_application`: the same predictor and routes as a Ray Serve deployment.
+- `service.Service`: the engine the routes call (state, limits, batching); no HTTP in it.
+- `errors`: error kinds and the one table of their HTTP statuses.
+- `schemas`, `metrics`, `app`: request and response bodies, Prometheus metrics and middlewares, routes.
+- `server.serve`: one machine (uvicorn) or `ray_app`: the same routes as a Ray Serve deployment.
 
-`rpp-triton serve MODEL_DIR` (rpp_triton/commands/serve.py) starts either of them.
+`rpp-triton serve MODEL_DIR` (rpp_triton/commands/serve.py) calls `server.serve`.
 """

@@ -22,19 +22,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rpp_triton.serve.errors import Kind, ServeError
+
 log = logging.getLogger("rpp_triton.serve")
 
 
-class QueueFull(Exception):
-    """The queue has no room for the request's items: the caller should answer 429."""
+class QueueFull(ServeError):
+    """The queue has no room for the request's items."""
+
+    kind = Kind.OVERLOADED
 
 
-class BatcherClosed(Exception):
+class BatcherClosed(ServeError):
     """The batcher is shutting down and takes no new work."""
 
+    kind = Kind.UNAVAILABLE
 
-class RequestTimeout(Exception):
+
+class RequestTimeout(ServeError):
     """The request's items were not computed within its timeout."""
+
+    kind = Kind.TIMEOUT
 
 
 @dataclass(eq=False)
@@ -127,6 +135,7 @@ class DynamicBatcher:
                 raise BatcherClosed("the server is shutting down")
             if len(self._pending) + len(items) > self.max_queue:
                 raise QueueFull(
+                    "server busy: "
                     f"the queue holds {len(self._pending)} of {self.max_queue} inputs; "
                     f"no room for {len(items)} more"
                 )

@@ -19,11 +19,15 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from rpp_triton.artifacts import read_report
+from rpp_triton.errors import UsageError
 from rpp_triton.models import mean_pool
+from rpp_triton.serve.config import LoadConfig
+from rpp_triton.serve.errors import Kind, ServeError
 from rpp_triton.tiles import divides, tile_sparsity
 
 log = logging.getLogger("rpp_triton.serve")
@@ -35,8 +39,10 @@ _HEADS = {
 }
 
 
-class InputTooLong(ValueError):
+class InputTooLong(ServeError):
     """An input has more tokens than `max_tokens` and the predictor is set to refuse, not truncate."""
+
+    kind = Kind.INPUT_TOO_LONG
 
     def __init__(self, index: int, n_tokens: int, max_tokens: int):
         super().__init__(
@@ -46,8 +52,10 @@ class InputTooLong(ValueError):
         self.index, self.n_tokens, self.max_tokens = index, n_tokens, max_tokens
 
 
-class QuestionTooLong(ValueError):
+class QuestionTooLong(ServeError):
     """A question leaves no more than `doc_stride` tokens of its window for the context."""
+
+    kind = Kind.INPUT_TOO_LONG
 
     def __init__(self, index: int, max_tokens: int, doc_stride: int):
         super().__init__(
@@ -109,6 +117,70 @@ def _tile_sparsity(weight: torch.Tensor, block: tuple[int, int]) -> float | None
     return tile_sparsity(weight, block) if divides(weight.shape, block) else None
 
 
+@dataclass
+class ModelSource:
+    """A model directory as read before its weights load: everything `Predictor.load` needs
+    besides them, with the options already checked against the model."""
+
+    model_dir: str
+    config: Any  # the transformers config
+    tokenizer: Any
+    report: dict
+    task: str | None  # the head's route, None for a bare encoder
+    block: tuple[int, int]
+    max_tokens: int
+    doc_stride: int
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def inspect_model(model_dir: str, options: LoadConfig) -> ModelSource:
+    """Read `model_dir`'s config, tokenizer and rpp_report.json and check `options` against them,
+    without loading any weights: a UsageError (one line) says what is wrong.
+
+    Question answering splits a context into windows of `max_tokens` tokens that overlap by
+    `doc_stride` tokens (default `max_tokens // 3`, as `finetune` trains them)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UsageError(f"{model_dir!r} is not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable config.json
+        raise UsageError(f"{model_dir!r}: cannot read config.json: {_first_line(exc)}") from None
+    report = read_report(model_dir) or {}
+    # The tiles the model was pruned with, else 32.
+    block = options.block_size or (tuple(report["block_size"]) if report.get("block_size") else (32, 32))
+    task = None
+    for arch in getattr(config, "architectures", None) or []:
+        for suffix, name in _HEADS.items():
+            if arch.endswith(suffix):
+                task = name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the directory lacks one
+        raise UsageError(f"cannot load a tokenizer from {model_dir!r}: {_first_line(exc)}") from None
+
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    limit = min(limit, tokenizer.model_max_length or limit)
+    max_tokens = options.max_tokens or limit
+    if max_tokens > limit:
+        raise UsageError(f"max_tokens={max_tokens} is above the model's {limit} positions")
+    doc_stride = max_tokens // 3 if options.doc_stride is None else options.doc_stride
+    if not 0 <= doc_stride < max_tokens // 2:
+        raise UsageError(
+            f"doc_stride must be in [0, max_tokens / 2) = [0, {max_tokens // 2}), got {doc_stride}"
+        )
+    if task == "qa" and not getattr(tokenizer, "is_fast", False):
+        raise UsageError(
+            f"{model_dir!r} has a question-answering head but a slow tokenizer; "
+            "question answering needs a fast one (offset mappings)"
+        )
+    return ModelSource(model_dir, config, tokenizer, report, task, block, max_tokens, doc_stride)
+
+
 class Predictor:
     """A loaded model plus its tokenizer. Thread use: `encode_*` from any thread, `forward` from one."""
 
@@ -132,121 +204,66 @@ class Predictor:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(
-        cls,
-        model_dir: str,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        sparse: bool = True,
-        block_size: int | tuple[int, int] | None = None,
-        min_sparsity: float = 0.5,
-        backend: str = "auto",
-        max_tokens: int | None = None,
-        truncate: bool = True,
-        threads: int | None = None,
-        doc_stride: int | None = None,
-    ) -> Predictor:
-        """Load `model_dir` (a `save_pretrained` directory with its tokenizer) for inference.
+    def from_pretrained(cls, model_dir: str, options: LoadConfig | None = None, **kwargs) -> Predictor:
+        """Load `model_dir` (a `save_pretrained` directory with its tokenizer) for inference, with
+        `options` or a LoadConfig made of `kwargs`."""
+        options = options or LoadConfig(**kwargs)
+        return cls.load(inspect_model(model_dir, options), options)
+
+    @classmethod
+    def load(cls, source: ModelSource, options: LoadConfig) -> Predictor:
+        """Load the weights of an inspected model directory.
 
         The head is picked from `config.architectures`: `*ForSequenceClassification` adds the
         classify route, `*ForQuestionAnswering` the qa route, anything else loads the bare encoder
-        (`AutoModel`). With `sparse`, every Linear whose `block_size` tile sparsity is at least
+        (`AutoModel`). With `options.sparse`, every Linear whose tile sparsity is at least
         `min_sparsity` becomes a `BlockSparseLinear` (`rpp_triton.sparsify`).
-
-        Question answering splits a context into windows of `max_tokens` tokens that overlap by
-        `doc_stride` tokens (default `max_tokens // 3`, as `finetune` trains them).
         """
-        from transformers import (
-            AutoConfig,
-            AutoModel,
-            AutoModelForQuestionAnswering,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
+        from transformers import AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise ValueError(f"{model_dir!r} is not a model directory (no config.json)")
-        if threads:
-            torch.set_num_threads(threads)
+        if options.threads:
+            torch.set_num_threads(options.threads)
         start = time.perf_counter()
+        device = options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
-        if dtype == "auto":
+        if options.dtype == "auto":
             torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         else:
-            torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-                dtype
-            ]
-
-        config = AutoConfig.from_pretrained(model_dir)
-        report = read_report(model_dir) or {}
-        if block_size is None:  # the tiles the model was pruned with, else 32
-            block_size = tuple(report["block_size"]) if report.get("block_size") else 32
-        block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-        architectures = list(getattr(config, "architectures", None) or [])
-        task, loader = None, AutoModel
-        for arch in architectures:
-            for suffix, name in _HEADS.items():
-                if arch.endswith(suffix):
-                    task = name
-        if task == "classify":
-            loader = AutoModelForSequenceClassification
-        elif task == "qa":
-            loader = AutoModelForQuestionAnswering
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the directory lacks one
-            raise ValueError(f"cannot load a tokenizer from {model_dir!r}: {exc}") from exc
-        model = loader.from_pretrained(model_dir, dtype=torch_dtype)
+            torch_dtype = getattr(torch, options.dtype)
+        loader = {"classify": AutoModelForSequenceClassification, "qa": AutoModelForQuestionAnswering}
+        model = loader.get(source.task, AutoModel).from_pretrained(source.model_dir, dtype=torch_dtype)
         model.eval().to(dev)
 
-        limit = getattr(config, "max_position_embeddings", None) or 512
-        limit = min(limit, tokenizer.model_max_length or limit)
-        if max_tokens is None:
-            max_tokens = limit
-        elif max_tokens > limit:
-            raise ValueError(f"max_tokens={max_tokens} is above the model's {limit} positions")
-        elif max_tokens < 2:
-            raise ValueError("max_tokens must be at least 2 (room for the special tokens)")
-        if doc_stride is None:
-            doc_stride = max_tokens // 3
-        elif not 0 <= doc_stride < max_tokens // 2:
-            raise ValueError(
-                f"doc_stride must be in [0, max_tokens / 2) = [0, {max_tokens // 2}), got {doc_stride}"
-            )
-        if task == "qa" and not getattr(tokenizer, "is_fast", False):
-            raise ValueError(
-                f"{model_dir!r} has a question-answering head but a slow tokenizer; "
-                "question answering needs a fast one (offset mappings)"
-            )
-
+        block = source.block
         info = ModelInfo(
-            model_dir=os.path.abspath(model_dir),
+            model_dir=os.path.abspath(source.model_dir),
             architecture=type(model).__name__,
-            tasks=["embed"] + ([task] if task else []),
+            tasks=["embed"] + ([source.task] if source.task else []),
             device=str(dev),
             dtype=str(torch_dtype).replace("torch.", ""),
-            hidden_size=config.hidden_size,
-            max_tokens=max_tokens,
-            sparse_requested=sparse,
+            hidden_size=source.config.hidden_size,
+            max_tokens=source.max_tokens,
+            sparse_requested=options.sparse,
             block_size=list(block),
-            doc_stride=doc_stride,
+            doc_stride=source.doc_stride,
         )
-        if report:
+        if source.report:
             info.extra["rpp_report"] = {
-                k: report.get(k) for k in ("sparsity", "target_sparsity", "block_size")
+                k: source.report.get(k) for k in ("sparsity", "target_sparsity", "block_size")
             }
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         info.linear_layers = len(linears)
         tiles = [(s, m.weight.numel()) for m in linears if (s := _tile_sparsity(m.weight, block)) is not None]
         if tiles:
             info.weight_tile_sparsity = sum(s * n for s, n in tiles) / sum(n for _, n in tiles)
-        if sparse:
-            info.sparse_layers, info.sparse_error = _sparsify(model, block, min_sparsity, backend)
+        if options.sparse:
+            info.sparse_layers, info.sparse_error = _sparsify(
+                model, block, options.min_sparsity, options.backend
+            )
         info.load_seconds = time.perf_counter() - start
-        return cls(model, tokenizer, info=info, device=dev, truncate=truncate)
+        return cls(model, source.tokenizer, info=info, device=dev, truncate=options.truncate)
 
     # ----------------------------------------------------------- tokenization
     def encode_texts(self, inputs: list[str | tuple[str, str]]) -> list[Encoded]:

@@ -17,13 +17,14 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import asdict
 
 from ray import serve
 
-from rpp_triton.serve.app import ServerConfig, Service, build_app
+from rpp_triton.serve.app import build_app
 from rpp_triton.serve.batching import RequestTimeout, split_by_budget
+from rpp_triton.serve.config import HttpConfig, LoadConfig, RayConfig, ServerConfig
 from rpp_triton.serve.predictor import Encoded, Predictor, SequenceOutput
+from rpp_triton.serve.service import Service
 
 log = logging.getLogger("rpp_triton.serve")
 
@@ -54,14 +55,13 @@ class RayService(Service):
 @serve.deployment(name="RPPPredictor", health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress(build_app(_get_service))
 class RPPDeployment:
-    def __init__(self, model_dir: str, load_options: dict, config: dict):
+    def __init__(self, model_dir: str, load: LoadConfig, cfg: ServerConfig):
         from rpp_triton.serve import ray_app
 
-        cfg = ServerConfig(**config)
         self.service = ray_app._service = RayService(cfg, self._forward)
         self._forward.set_max_batch_size(cfg.max_batch_size)
         self._forward.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)
-        self.predictor = Predictor.from_pretrained(model_dir, **load_options)
+        self.predictor = Predictor.from_pretrained(model_dir, load)
         if cfg.warmup:
             self.predictor.warmup(batch_size=min(8, cfg.max_batch_size))
         self.service.set_ready(self.predictor)
@@ -83,57 +83,33 @@ class RPPDeployment:
             raise RuntimeError("the model is not loaded")
 
 
-def build_application(
-    model_dir: str,
-    load_options: dict,
-    config: ServerConfig,
-    *,
-    replicas: int = 1,
-    replica_cpus: float = 1.0,
-    replica_gpus: float = 0.0,
-):
+def build_application(model_dir: str, load: LoadConfig, config: ServerConfig, ray: RayConfig):
     """A bound Ray Serve application: `serve.run(build_application(...), route_prefix="/")`."""
     return RPPDeployment.options(
-        num_replicas=replicas,
-        ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
+        num_replicas=ray.replicas,
+        ray_actor_options={"num_cpus": ray.replica_cpus, "num_gpus": ray.replica_gpus},
         # Enough concurrent requests per replica for full batches; past the queue Ray answers 503.
         max_ongoing_requests=max(2 * config.max_batch_size, 8),
         max_queued_requests=config.max_queue,
         graceful_shutdown_timeout_s=config.request_timeout_s,
-    ).bind(model_dir, load_options, asdict(config))
+    ).bind(model_dir, load, config)
 
 
 def serve_forever(
-    model_dir: str,
-    load_options: dict,
-    config: ServerConfig,
-    *,
-    host: str,
-    port: int,
-    replicas: int,
-    replica_cpus: float,
-    replica_gpus: float,
-    address: str | None,
+    model_dir: str, load: LoadConfig, config: ServerConfig, http: HttpConfig, ray: RayConfig
 ) -> int:
     """Start (or join) Ray, deploy, and block until Ctrl-C or SIGTERM; then shut Serve down."""
-    import ray
+    import ray as ray_core
 
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True)
+    ray_core.init(address=ray.address, include_dashboard=False, ignore_reinit_error=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:
-        serve.start(http_options={"host": host, "port": port})
-        app = build_application(
-            model_dir,
-            load_options,
-            config,
-            replicas=replicas,
-            replica_cpus=replica_cpus,
-            replica_gpus=replica_gpus,
-        )
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        serve.start(http_options={"host": http.host, "port": http.port})
+        serve.run(build_application(model_dir, load, config, ray), name=APP_NAME, route_prefix="/")
         print(
-            f"serving {model_dir} on http://{host}:{port} with {replicas} Ray Serve replica(s); Ctrl-C stops"
+            f"serving {model_dir} on http://{http.host}:{http.port} "
+            f"with {ray.replicas} Ray Serve replica(s); Ctrl-C stops"
         )
         while not stop:
             time.sleep(0.5)
@@ -141,5 +117,5 @@ def serve_forever(
         pass
     finally:
         serve.shutdown()
-        ray.shutdown()
+        ray_core.shutdown()
     return 0

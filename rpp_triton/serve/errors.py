@@ -1,0 +1,79 @@
+"""What can go wrong with a request, and the one table that turns each kind into an HTTP answer.
+
+Code anywhere in the server raises `ServeError(Kind.X, message)` (or a subclass that fixes its
+kind); only `http_error` looks up the status. A client always gets
+`{"error": {"type": kind, "message": message}}`; 429 and 503 come with `Retry-After`. Messages
+never carry exception text from inside the server: an unexpected failure is "internal error".
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from starlette.responses import JSONResponse
+
+
+class Kind(str, Enum):
+    MALFORMED_JSON = "malformed_json"
+    NOT_FOUND = "not_found"
+    ROUTE_NOT_SUPPORTED = "route_not_supported"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    TOO_MANY_INPUTS = "too_many_inputs"
+    INPUT_TOO_LONG = "input_too_long"
+    INVALID_REQUEST = "invalid_request"
+    EMPTY_INPUTS = "empty_inputs"
+    EMPTY_INPUT = "empty_input"
+    OVERLOADED = "overloaded"
+    INTERNAL = "internal"
+    UNAVAILABLE = "unavailable"
+    TIMEOUT = "timeout"
+
+
+# The one table: error kind -> HTTP status.
+STATUS = {
+    Kind.MALFORMED_JSON: 400,
+    Kind.NOT_FOUND: 404,
+    Kind.ROUTE_NOT_SUPPORTED: 404,
+    Kind.METHOD_NOT_ALLOWED: 405,
+    Kind.PAYLOAD_TOO_LARGE: 413,
+    Kind.TOO_MANY_INPUTS: 413,
+    Kind.INPUT_TOO_LONG: 413,
+    Kind.INVALID_REQUEST: 422,
+    Kind.EMPTY_INPUTS: 422,
+    Kind.EMPTY_INPUT: 422,
+    Kind.OVERLOADED: 429,
+    Kind.INTERNAL: 500,
+    Kind.UNAVAILABLE: 503,
+    Kind.TIMEOUT: 503,
+}
+RETRY_AFTER_S = 1  # sent with 429 and 503: both pass by themselves
+
+
+class ServeError(Exception):
+    """A request failed for a reason the client is told about."""
+
+    kind = Kind.INTERNAL
+
+    def __init__(self, message: str, kind: Kind | None = None):
+        super().__init__(message)
+        self.message = message
+        if kind is not None:
+            self.kind = kind
+
+
+def http_error(kind: Kind, message: str) -> tuple[int, dict, dict]:
+    """(status, JSON body, headers) of the answer to an error of `kind`."""
+    status = STATUS[kind]
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
+    return status, {"error": {"type": kind.value, "message": message}}, headers
+
+
+def error_response(kind: Kind, message: str) -> JSONResponse:
+    status, body, headers = http_error(kind, message)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def statuses(*kinds: Kind) -> list[int]:
+    """The distinct statuses of `kinds`, in order (for the OpenAPI document)."""
+    return sorted({STATUS[k] for k in kinds})
