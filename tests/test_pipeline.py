@@ -1,6 +1,6 @@
-"""The pruning pipeline end to end on a tiny random BERT: prune reaches the exact target and saves
-a plain-transformers model, resume equals an uninterrupted run, and two
-torchrun processes agree on the masks."""
+"""The pruning pipeline end to end on a tiny random BERT: every method reaches the exact target and
+saves a plain-transformers model, the objectives and quality measures behave, resume equals an
+uninterrupted run, and two torchrun processes agree on the masks."""
 
 import json
 import os
@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_bert import write_task_csv, write_text, write_tiny_bert  # noqa: E402
 
-from rpp_triton import models, tiles  # noqa: E402
+from rpp_triton import tiles  # noqa: E402
 from rpp_triton.cli import main  # noqa: E402
-from rpp_triton.training import controller as T  # noqa: E402
-from rpp_triton.training import trainer as TR  # noqa: E402
+from rpp_triton.training import controller as C  # noqa: E402
+from rpp_triton.training import quality as Q  # noqa: E402
+from rpp_triton.training.objectives import Objective, layer_map  # noqa: E402
 
 # Small enough for ~1-2 s per run on two cores; the same-budget dense reference (a second run) is
 # tested on its own.
@@ -92,9 +93,14 @@ def test_prune_reaches_exact_target_and_loads_in_plain_transformers(files, tmp_p
         mask = masks["bert." + name].bool()
         assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
         assert torch.equal(tiles.tile_mask(w, (bh, bw)), mask)
-    # Pruned masked-LM quality on held-out text, and the log with lambda and sparsity.
-    for key in ("dense_before_pruning", "pruned"):
-        assert 0.0 <= report[key]["mlm_accuracy"] <= 1.0 and np.isfinite(report[key]["mlm_loss"])
+    # The tiny model has a masked-LM head: by default it distils from itself on masked LM too.
+    assert (report["method"], report["objective"]) == ("rpp", "mlm+distill")
+    for key in ("dense", "pruned"):
+        quality = report["quality"][key]
+        assert 0.0 <= quality["topic_accuracy"] <= 1.0 and -1.0 <= quality["embedding_fidelity"] <= 1.0
+    assert report["quality"]["dense"]["embedding_fidelity"] == pytest.approx(1.0)
+    assert 0.0 <= report["quality"]["pruned"]["mlm_accuracy"] <= 1.0
+    assert np.isfinite(report["quality"]["pruned"]["mlm_loss"])
     log = json.loads((out / "training_log.json").read_text())
     steps = [e for e in log if "rpp_lambda" in e]
     assert steps and max(e["rpp_lambda"] for e in steps) > 0
@@ -103,42 +109,101 @@ def test_prune_reaches_exact_target_and_loads_in_plain_transformers(files, tmp_p
 
 
 def test_dense_reference_is_a_dense_run_with_the_same_budget(files, tmp_path):
-    pruned = prune(files, tmp_path / "pruned", "--dense-reference", "same-budget", steps=20, target=0.5)
-    dense = prune(files, tmp_path / "dense", steps=20, target=0.0)
+    mlm = ("--objective", "mlm")
+    pruned = prune(files, tmp_path / "pruned", *mlm, "--dense-reference", "same-budget", steps=20, target=0.5)
+    dense = prune(files, tmp_path / "dense", *mlm, steps=20, target=0.0)
     assert pruned["steps"]["total"] == dense["steps"]["total"] == 20
     assert dense["sparsity"] == 0.0
     # the reference inside the pruned run is exactly what a target-0 run of the same length reaches
-    for k in ("mlm_accuracy", "mlm_loss"):
-        assert pruned["dense"][k] == pytest.approx(dense["pruned"][k], abs=1e-6)
-    assert pruned["dense"] != pruned["dense_before_pruning"]  # trained on beyond the dense phase
-    assert "same budget" in pruned["dense_reference"] and "target sparsity 0" in dense["dense_reference"]
-    assert dense["dense"] == dense["pruned"]
+    for k in ("mlm_accuracy", "mlm_loss", "topic_accuracy", "embedding_fidelity"):
+        assert pruned["quality"]["dense"][k] == pytest.approx(dense["quality"]["pruned"][k], abs=1e-6)
+    assert pruned["quality"]["dense"] != pruned["phases"]["dense"]  # trained on beyond the dense phase
+    assert "same budget" in pruned["dense_reference"] and "target 0" in dense["dense_reference"]
+    assert dense["quality"]["dense"] == dense["quality"]["pruned"]
     assert not (tmp_path / "pruned" / "dense-reference").exists()
 
 
-def test_masked_positions_loss_matches_the_full_head(files):
+def test_masked_lm_loss_on_labelled_positions_matches_the_full_head(files):
     from transformers import AutoModelForMaskedLM
 
     model = AutoModelForMaskedLM.from_pretrained(files["model"])
-    masked = TR.MaskedPositions(models.mlm_head(model))
+    objective = Objective("mlm", model)
     ids = torch.randint(5, model.config.vocab_size, (3, 16))
     labels = torch.full_like(ids, -100)
     labels[:, ::4] = ids[:, ::4]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    loss, preds, target = masked.loss(model, batch)
+    parts = objective.parts(model, batch)
     full = model(**batch)
-    torch.testing.assert_close(loss, full.loss)
-    assert torch.equal(preds, full.logits.argmax(-1)[labels != -100])
-    assert torch.equal(target, labels[labels != -100])
+    torch.testing.assert_close(parts["mlm"], full.loss)
+    assert torch.equal(parts["_preds"], full.logits.argmax(-1)[labels != -100])
+    assert torch.equal(parts["_labels"], labels[labels != -100])
     assert model(input_ids=ids).logits.shape == (3, 16, model.config.vocab_size)  # hook is off again
 
 
-def test_controller_steers_sparsity_near_target_before_hard_prune(files, tmp_path):
-    report = prune(files, tmp_path / "out", steps=40, target=0.7)
-    # lambda alone (before the hard prune) brought the weights close to the target
-    assert abs(report["sparsity_before_hard_prune"] - 0.7) < 0.1
-    # tiles the controller overshot are kept by the hard prune and grow back during recovery
-    assert report["sparsity"] == pytest.approx(0.7, abs=1e-4)
+def test_distillation_loss_is_zero_for_the_teacher_itself_and_positive_otherwise(files):
+    from transformers import AutoModelForMaskedLM
+
+    student = AutoModelForMaskedLM.from_pretrained(files["model"])
+    teacher = AutoModelForMaskedLM.from_pretrained(files["model"])
+    objective = Objective("mlm+distill", student, teacher)
+    ids = torch.randint(5, student.config.vocab_size, (2, 12))
+    labels = torch.full_like(ids, -100)
+    labels[:, 1::3] = ids[:, 1::3]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    student.eval()
+    parts = objective.parts(student, batch)
+    assert {"mlm", "hidden", "pooled", "logits"} <= parts.keys()
+    for key in ("hidden", "logits"):
+        assert float(parts[key]) == 0.0, key
+    assert float(parts["pooled"]) == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        student.bert.encoder.layer[-1].output.dense.weight.normal_(0.0, 1.0)
+    parts = objective.parts(student, batch)
+    for key in ("hidden", "pooled", "logits"):
+        assert float(parts[key]) > 0.0, key
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_layer_map_spreads_student_layers_over_the_teacher():
+    assert layer_map(6, 6) == [1, 2, 3, 4, 5, 6]
+    assert layer_map(3, 12) == [4, 8, 12]
+    assert layer_map(4, 2) == [0, 1, 2, 2]
+
+
+def test_quality_measures_on_hand_made_embeddings():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, -1.0], [1.0, 0.0]])
+    assert Q.embedding_fidelity(a, b) == pytest.approx((1.0 - 1.0 + 2**-0.5) / 3)
+    train = torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0]])
+    held = torch.tensor([[5.0, 1.0], [1.0, 5.0], [1.0, 0.9]])
+    assert Q.centroid_accuracy(train, [0, 0, 1, 1], held, [0, 1, 1]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        Q.embedding_fidelity(a, b[:2])
+
+
+@pytest.mark.parametrize("method", ["rpp", "gmp", "oneshot"])
+def test_every_method_ends_at_exactly_the_target(files, tmp_path, method):
+    report = prune(files, tmp_path / method, "--method", method, steps=24, target=0.7)
+    assert report["method"] == method
+    assert report["sparsity"] == pytest.approx(0.7, abs=1e-3)
+    if method == "oneshot":
+        assert report["steps"] == {"dense": 0, "prune": 0, "recovery": 24, "total": 24}
+    else:  # the schedule brought the weights near the target before the hard prune
+        assert abs(report["sparsity_before_hard_prune"] - 0.7) < 0.05
+
+
+def test_gmp_follows_its_schedule(files, tmp_path):
+    prune(files, tmp_path / "gmp", "--method", "gmp", "--mask-every", "2", "--logging-steps", "1", steps=30)
+    log = json.loads((tmp_path / "gmp" / "training_log.json").read_text())
+    ramp = C.PruningController(
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), 0.5, 1, 0, 26, 4
+    )
+    seen = [(e["step"], e["sparsity"]) for e in log if "sparsity" in e and e["step"] <= 26]
+    assert len(seen) > 10
+    for step, sparsity in seen:
+        # masks are set every 2 steps for the step after: never ahead of the ramp by more than a step
+        assert ramp.scheduled(step - 2) - 0.02 <= sparsity <= ramp.scheduled(step + 1) + 0.02, step
 
 
 def test_resume_equals_uninterrupted(files, tmp_path):
@@ -156,7 +221,7 @@ def test_resume_equals_uninterrupted(files, tmp_path):
     rb = json.loads((resumed / "rpp_report.json").read_text())
     assert ra["mask_digest"] == rb["mask_digest"]
     # the controller state (its evaluations) came back too
-    assert ra["dense_before_pruning"] == rb["dense_before_pruning"]
+    assert ra["phases"] == rb["phases"] and ra["quality"] == rb["quality"]
 
 
 @pytest.mark.slow
@@ -202,7 +267,7 @@ def test_hard_prune_is_exact_and_global(block, target):
 
 def test_controller_schedule_is_a_ramp_to_target():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
-    c = T.SparsityController(opt, 0.8, 1, dense_steps=10, rpp_steps=100, recovery_steps=5)
+    c = C.RPPController(opt, 0.8, 1, dense_steps=10, prune_steps=100, recovery_steps=5)
     assert c.scheduled(10) == 0.0
     values = [c.scheduled(s) for s in range(10, 111)]
     assert all(b >= a for a, b in zip(values, values[1:]))

@@ -1,13 +1,17 @@
-"""`rpp-triton prune`: RPP on the masked-LM objective, steered to a target sparsity, then a hard
-prune to exactly that target and a few recovery steps with frozen masks.
+"""`rpp-triton prune`: prune a BERT-family encoder while it trains on a pre-training objective,
+steered to a target sparsity, then a hard prune to exactly that target and a few recovery steps
+with frozen masks. RPP by default; gradual magnitude pruning and one-shot magnitude pruning run on
+the same budget for comparison.
 
-With no --model and no --dataset it runs offline on the shipped MiniLM and Python's documentation
-text, and reports masked-LM accuracy on held-out text for the pruned model and for a dense model
-trained with the same budget (same steps, data order and learning rates, lambda = 0).
+With no --model and no --dataset it runs offline on the shipped all-MiniLM-L6-v2 and Python's
+documentation text, distilling from the dense model, and reports embedding fidelity and topic
+accuracy of the pruned model beside the dense one (and masked-LM accuracy where the model has a
+head).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from rpp_triton.commands.common import add_run_arguments, block_size_arg
@@ -17,43 +21,80 @@ from rpp_triton.errors import UsageError
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "prune",
-        help="prune a BERT-family model with RPP on masked LM",
+        help="prune a BERT-family model (RPP, or a baseline) on masked LM and/or distillation",
         description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", help="hub name or local directory (default: the shipped all-MiniLM-L6-v2)")
-    p.add_argument(
+    src = p.add_argument_group("model and data")
+    src.add_argument("--model", help="hub name or local directory (default: the shipped all-MiniLM-L6-v2)")
+    src.add_argument(
         "--dataset",
         help="hub name or local .txt/.json/.jsonl/.csv file (default: Python's documentation text)",
     )
-    p.add_argument("--text-column", help="column holding the text (JSON/CSV/hub datasets; default 'text')")
-    p.add_argument("--target-sparsity", type=float, default=0.7, help="fraction of pruned weights, in [0, 1)")
-    p.add_argument("--block-size", default="1", help="tile: N or BHxBW (default 1)")
-    p.add_argument("--max-steps", type=int, help="total optimizer steps (dense + RPP + recovery)")
-    p.add_argument("--dense-steps", type=int, help="steps with lambda = 0 first (default 10%% of max)")
-    p.add_argument("--recovery-steps", type=int, help="frozen-mask steps after the hard prune (default 15%%)")
-    p.add_argument("--prune-by", choices=("rms", "magnitude"), default="rms", help="hard-prune tile score")
-    p.add_argument("--seq-len", type=int, help="tokens per training block")
-    p.add_argument("--batch-size", type=int, help="blocks per step and process")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--rpp-lambda", type=float, default=0.05, help="initial lambda (the controller steers it)")
-    p.add_argument("--lambda-gain", type=float, default=5.0, help="controller gain on the sparsity gap")
-    p.add_argument("--reweight-every", type=int, default=1, help="reweight alpha every N steps (0: never)")
-    p.add_argument("--reweight-eps", type=float, default=0.01, help="alpha = 1 / (tile RMS + this)")
-    p.add_argument("--mlm-probability", type=float, default=0.15)
-    p.add_argument("--eval-blocks", type=int, help="held-out blocks to score (dense and pruned)")
-    p.add_argument(
+    src.add_argument("--text-column", help="column holding the text (JSON/CSV/hub datasets; default 'text')")
+    src.add_argument("--teacher", help="distillation teacher directory (default: the starting dense model)")
+
+    how = p.add_argument_group("pruning")
+    how.add_argument("--target-sparsity", type=float, default=0.7, help="share of pruned weights, in [0, 1)")
+    how.add_argument("--block-size", default="1", help="tile: N or BHxBW")
+    how.add_argument(
+        "--method",
+        choices=("rpp", "gmp", "oneshot"),
+        default="rpp",
+        help="rpp; or a baseline on the same budget: gradual magnitude pruning on the same schedule, "
+        "or one magnitude prune followed by frozen-mask training",
+    )
+    how.add_argument(
+        "--objective",
+        choices=("mlm", "distill", "mlm+distill"),
+        help="training loss (default: mlm+distill where the model has a masked-LM head, else distill)",
+    )
+    how.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw", help="RPPAdamW or RPPLamb")
+    how.add_argument("--prune-by", choices=("rms", "magnitude"), default="rms", help="hard-prune tile score")
+    how.add_argument(
+        "--ramp", type=float, default=0.7, help="share of the prune steps the ramp to the target takes"
+    )
+    how.add_argument("--mask-every", type=int, default=5, help="gmp: steps between mask updates")
+    how.add_argument(
+        "--reweight-every", type=int, default=1, help="rpp: reweight alpha every N steps (0: never)"
+    )
+    how.add_argument("--reweight-eps", type=float, default=0.01, help="rpp: alpha = 1 / (tile RMS + this)")
+
+    steps = p.add_argument_group("budget")
+    steps.add_argument(
+        "--max-steps", type=int, help="total optimizer steps (default 100 embedded, else 2000)"
+    )
+    steps.add_argument(
+        "--dense-steps", type=int, help="unpruned steps first (default: 10%% with masked LM, else 0)"
+    )
+    steps.add_argument(
+        "--recovery-steps", type=int, help="frozen-mask steps after the hard prune (default 15%%)"
+    )
+    steps.add_argument(
+        "--seq-len", type=int, help="tokens per training block (default 64 embedded, else 128)"
+    )
+    steps.add_argument(
+        "--batch-size", type=int, help="blocks per step and process (default 8 embedded, else 32)"
+    )
+    steps.add_argument("--lr", type=float, default=2e-4)
+    steps.add_argument("--weight-decay", type=float, default=0.0)
+    steps.add_argument("--mlm-probability", type=float, default=0.15)
+    steps.add_argument("--temperature", type=float, default=2.0, help="distillation temperature on logits")
+    steps.add_argument(
+        "--eval-blocks", type=int, help="held-out blocks to score (default 64 embedded, else 512)"
+    )
+    steps.add_argument(
         "--head-lr-scale",
         type=float,
         default=10.0,
-        help="learning-rate multiplier for a freshly initialised masked-LM head (default 10)",
+        help="learning-rate multiplier for a freshly initialised masked-LM head",
     )
-    p.add_argument(
+    steps.add_argument(
         "--dense-reference",
         choices=("same-budget", "none"),
         default="same-budget",
-        help="same-budget (default): also train a dense copy for the same steps and report its "
-        "accuracy beside the pruned one; none: skip it (half the time)",
+        help="with masked LM: also train a dense copy for the same steps and report it beside the "
+        "pruned one (none: skip it, half the time); with distillation the starting model is the reference",
     )
     add_run_arguments(p)
     p.set_defaults(func=run)

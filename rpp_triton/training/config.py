@@ -86,14 +86,19 @@ class PruneConfig(RunConfig):
     batch_size: int | None = None
     lr: float = 2e-4
     weight_decay: float = 0.0
-    rpp_lambda: float = 0.05
-    lambda_gain: float = 5.0
     reweight_every: int = 1
     reweight_eps: float = 0.01
     mlm_probability: float = 0.15
     eval_blocks: int | None = None
     head_lr_scale: float = 10.0
     dense_reference: str = "same-budget"
+    objective: str | None = None
+    method: str = "rpp"
+    teacher: str | None = None
+    optimizer: str = "adamw"
+    mask_every: int = 5
+    temperature: float = 2.0
+    ramp: float = 0.7
 
     def __post_init__(self):
         super().__post_init__()
@@ -104,16 +109,27 @@ class PruneConfig(RunConfig):
         check_finite(self, ("target_sparsity",), 0.0, 1.0, high_open=True)
         check_finite(self, ("mlm_probability",), 0.0, 1.0, high_open=True)
         check_finite(self, ("lr", "head_lr_scale"), 0.0, low_open=True)
-        check_finite(self, ("weight_decay", "rpp_lambda", "reweight_eps"), 0.0)
-        check_finite(self, ("lambda_gain",), 0.0)
-        check_ints(self, ("max_steps", "seq_len", "batch_size", "eval_blocks"), 1)
+        check_finite(self, ("weight_decay", "reweight_eps"), 0.0)
+        check_finite(self, ("temperature",), 0.0, low_open=True)
+        check_finite(self, ("ramp",), 0.0, 1.0, low_open=True)
+        check_ints(self, ("max_steps", "seq_len", "batch_size", "eval_blocks", "mask_every"), 1)
         check_ints(self, ("dense_steps", "recovery_steps", "reweight_every"), 0)
         if self.seq_len is not None and self.seq_len < 8:
             raise UsageError(f"--seq-len must be at least 8, got {self.seq_len}")
         if self.prune_by not in ("rms", "magnitude"):
             raise UsageError(f"--prune-by must be rms or magnitude, got {self.prune_by!r}")
-        if self.dense_reference not in ("same-budget", "none"):
-            raise UsageError(f"--dense-reference must be same-budget or none, got {self.dense_reference!r}")
+        choices = {
+            "dense_reference": ("same-budget", "none"),
+            "objective": (None, "mlm", "distill", "mlm+distill"),
+            "method": ("rpp", "gmp", "oneshot"),
+            "optimizer": ("adamw", "lamb"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(a for a in allowed if a)
+                raise UsageError(f"{flag(name)} must be one of {shown}, got {getattr(self, name)!r}")
+        if self.method == "oneshot" and self.recovery_steps == 0:
+            raise UsageError("--method oneshot trains only after its prune; --recovery-steps 0 leaves none")
 
     @property
     def embedded(self) -> bool:
@@ -125,19 +141,25 @@ class PruneConfig(RunConfig):
         defaults = EMBEDDED if self.embedded else GENERAL
         return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
 
-    def steps(self) -> tuple[int, int, int]:
-        """(dense, rpp, recovery) steps of a resolved config."""
+    def steps(self, objective: str) -> tuple[int, int, int]:
+        """(dense, prune, recovery) steps of a resolved config. A fresh masked-LM head gets a dense
+        start (10%); distillation starts pruning at once; one-shot trains only after its prune."""
         total = self.max_steps
-        dense = self.dense_steps if self.dense_steps is not None else max(1, total // 10)
+        if self.method == "oneshot":
+            return 0, 0, total
+        dense = self.dense_steps
+        if dense is None:
+            dense = max(1, total // 10) if objective == "mlm" else 0
         recovery = self.recovery_steps if self.recovery_steps is not None else (total * 15) // 100
         if self.target_sparsity == 0:
             recovery = 0
-        rpp = total - dense - recovery
-        if rpp < 1:
+        prune = total - dense - recovery
+        if prune < 1:
             raise UsageError(
-                f"--max-steps {total} leaves no RPP steps after {dense} dense and {recovery} recovery steps"
+                f"--max-steps {total} leaves no pruning steps after {dense} dense "
+                f"and {recovery} recovery steps"
             )
-        return dense, rpp, recovery
+        return dense, prune, recovery
 
 
 def from_namespace(cls, namespace, **overrides):

@@ -1,28 +1,40 @@
-"""The sparsity controller: RPP steered to a target sparsity, then the hard prune to exactly that
-target and frozen masks.
+"""Pruning schedules as Trainer callbacks: RPP and the two baselines it is compared with, on the
+same sparsity schedule, ending the same way (docs/design.md, "Pruning schedule").
 
-One prune run is a single Trainer run of `dense_steps + rpp_steps + recovery_steps` steps:
-- dense steps (lambda = 0) fit the task head (MiniLM ships without an MLM head) before pruning
-  starts (the dense reference the pipeline reports is a separate run of the same length);
-- RPP steps, where `SparsityController` multiplies lambda by exp(gain * gap) each step, the gap
-  being the scheduled sparsity (cubic ramp from 0 to the target) minus the current one;
-- at the end of the RPP steps a hard prune keeps exactly the (1 - target) share of tiles with the
-  largest score over all pruned weights, and the optimizer's masks are frozen;
+One prune run is a single Trainer run of `dense_steps + prune_steps + recovery_steps` steps:
+- dense steps train without pruning;
+- prune steps follow a cubic ramp from 0 to the target sparsity (reached at `ramp` of the way);
+- at the end of the prune steps a hard prune keeps exactly the (1 - target) share of tiles with
+  the largest score over all pruned weights, and the optimizer's masks are frozen;
 - recovery steps train with those frozen masks.
-Everything needed to resume (moments, alpha, masks, frozen flag, lambda in the param groups) lives
-in the optimizer state Trainer checkpoints; the controller adds `rpp_controller.json`.
+
+The methods differ only in how the prune steps reach the schedule:
+- `rpp`: the reweighted proximal step of the optimizer does the pruning. Lambda is set before
+  each step so that the threshold falls at the scheduled share: a tile B is zeroed when
+  rms(z_B) <= lr * lambda * alpha_B, so lr * lambda is the k-th smallest rms(w_B) / alpha_B
+  (k tiles scheduled to be zero). Sparsity follows the ramp without the bursts a feedback loop
+  on lambda gave;
+- `gmp`: gradual magnitude pruning, every `mask_every` steps the lowest-scoring tiles up to the
+  scheduled share are zeroed and masked;
+- `oneshot`: no ramp; one prune to the target before the first step, then frozen-mask training.
+
+The controller's state (lambda, phase, evaluations, mask digest) goes into each checkpoint as
+`rpp_controller.json`; everything else lives in the optimizer's state.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+
+import torch
 
 from rpp_triton.artifacts import CONTROLLER_FILE
 from rpp_triton.errors import UsageError
-from rpp_triton.tiles import as_block, hard_prune, layer_table, mask_digest
+from rpp_triton.tiles import as_block, hard_prune, layer_table, mask_digest, tile_rms
 from rpp_triton.training.trainer import count_sparsity, freeze_with_masks, pruned_named_params, ranks_agree
+
+METHODS = ("rpp", "gmp", "oneshot")
 
 
 def _trainer_callback_base():
@@ -31,10 +43,12 @@ def _trainer_callback_base():
     return TrainerCallback
 
 
-class SparsityController(_trainer_callback_base()):
-    """Steers `rpp_lambda` so the sparsity follows a cubic ramp to `target`, then hard-prunes to the
-    exact target and freezes the masks. Evaluations it asks for are filed under the phase they
-    close: "dense", "hard_pruned" (before recovery), "final"."""
+class PruningController(_trainer_callback_base()):
+    """The schedule, the final hard prune and the bookkeeping every method shares. Evaluations it
+    asks for are filed under the phase they close: "dense", "hard_pruned" (before recovery),
+    "final"."""
+
+    method = ""
 
     def __init__(
         self,
@@ -42,74 +56,80 @@ class SparsityController(_trainer_callback_base()):
         target: float,
         block_size,
         dense_steps: int,
-        rpp_steps: int,
+        prune_steps: int,
         recovery_steps: int,
-        init_lambda: float = 1.0,
-        gain: float = 5.0,
-        max_change: float = 0.3,
         ramp: float = 0.7,
         prune_by: str = "rms",
     ):
         self.optimizer = optimizer
         self.target = float(target)
         self.block = as_block(block_size)
-        self.dense_steps, self.rpp_steps, self.recovery_steps = dense_steps, rpp_steps, recovery_steps
-        self.gain, self.max_change, self.ramp, self.prune_by = gain, max_change, ramp, prune_by
-        self.lam = float(init_lambda) if target > 0 else 0.0
+        self.dense_steps, self.prune_steps, self.recovery_steps = dense_steps, prune_steps, recovery_steps
+        self.ramp, self.prune_by = ramp, prune_by
+        self.lam = 0.0
         self.hard_pruned = False
         self.evals: dict[str, dict] = {}
         self.pre_prune_sparsity: float | None = None
         self.ranks_agree: bool | None = None
         self.mask_digest: str | None = None
         self.last_sparsity = 0.0
-        self._set_lambda(0.0 if dense_steps > 0 else self.lam)
+        self._set_lambda(0.0)
 
     # the schedule ----------------------------------------------------------------------------
     @property
     def prune_at(self) -> int:
-        return self.dense_steps + self.rpp_steps
+        return self.dense_steps + self.prune_steps
 
     def scheduled(self, step: int) -> float:
-        if step <= self.dense_steps or self.rpp_steps == 0:
+        """Sparsity the schedule asks for after `step` optimizer steps."""
+        if step <= self.dense_steps or self.prune_steps == 0:
             return 0.0
-        u = min(1.0, (step - self.dense_steps) / max(1.0, self.ramp * self.rpp_steps))
+        u = min(1.0, (step - self.dense_steps) / max(1.0, self.ramp * self.prune_steps))
         return self.target * (1 - (1 - u) ** 3)
 
     def phase(self, step: int) -> str:
         if step <= self.dense_steps and not self.hard_pruned:
             return "dense"
-        return "rpp" if step <= self.prune_at and not self.hard_pruned else "recovery"
+        return "prune" if step <= self.prune_at and not self.hard_pruned else "recovery"
 
     def _set_lambda(self, value: float) -> None:
         for group in self.optimizer.param_groups:
             if group.get("prune", True):
                 group["rpp_lambda"] = value
 
+    def prepare(self, step: int) -> None:
+        """Method-specific work after `step` steps, for the step that follows (a prune step)."""
+
+    def _final_prune(self) -> None:
+        named = pruned_named_params(self.optimizer)
+        self.pre_prune_sparsity = count_sparsity(self.optimizer)
+        masks = hard_prune(named, self.target, self.block, self.prune_by)
+        freeze_with_masks(self.optimizer, named, masks)
+        self.lam = 0.0
+        self._set_lambda(0.0)
+        self.hard_pruned = True
+        self.last_sparsity = count_sparsity(self.optimizer)
+        self.mask_digest = mask_digest(named)
+        self.ranks_agree = ranks_agree(self.mask_digest)
+
     # Trainer hooks ---------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.prune_at == 0 and self.target > 0 and not self.hard_pruned:
+            self._final_prune()  # one-shot: prune before the first step
+        elif state.global_step < self.prune_at and not self.hard_pruned:
+            self.prepare(state.global_step)
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        named = pruned_named_params(self.optimizer)
         if step >= self.dense_steps:  # nothing is pruned before then
             self.last_sparsity = count_sparsity(self.optimizer)
         if step == self.dense_steps and self.dense_steps > 0:
             control.should_evaluate = True
-        if step < self.dense_steps:
-            self._set_lambda(0.0)
-        elif step < self.prune_at and self.target > 0:
-            gap = self.scheduled(step + 1) - self.last_sparsity
-            change = self.gain * gap / self.target
-            self.lam *= math.exp(max(-self.max_change, min(self.max_change, change)))
-            self.lam = min(max(self.lam, 1e-6), 1e6)
-            self._set_lambda(self.lam)
-        elif step == self.prune_at and not self.hard_pruned:
-            self.pre_prune_sparsity = self.last_sparsity
-            masks = hard_prune(named, self.target, self.block, self.prune_by)
-            freeze_with_masks(self.optimizer, named, masks)
-            self._set_lambda(0.0)
-            self.hard_pruned = True
-            self.last_sparsity = count_sparsity(self.optimizer)
-            self.mask_digest = mask_digest(named)
-            self.ranks_agree = ranks_agree(self.mask_digest)
+        if step < self.prune_at and not self.hard_pruned:
+            self.prepare(step)
+        elif step == self.prune_at and not self.hard_pruned and self.target > 0:
+            self._final_prune()
             if self.recovery_steps > 0:
                 control.should_evaluate = True
         if step >= state.max_steps:
@@ -136,7 +156,7 @@ class SparsityController(_trainer_callback_base()):
                     json.dump(self.state_dict(), f, indent=1)
 
     def log_fields(self) -> dict:
-        fields = {"rpp_lambda": self.lam if not self.hard_pruned else 0.0, "sparsity": self.last_sparsity}
+        fields = {"rpp_lambda": self.lam, "sparsity": self.last_sparsity}
         for row in layer_table(pruned_named_params(self.optimizer), (1, 1)):
             fields[f"sparsity/{row['name']}"] = row["sparsity"]
         return fields
@@ -144,32 +164,106 @@ class SparsityController(_trainer_callback_base()):
     # checkpoint ------------------------------------------------------------------------------
     def config(self) -> dict:
         return {
+            "method": self.method,
             "target": self.target,
             "block_size": list(self.block),
             "dense_steps": self.dense_steps,
-            "rpp_steps": self.rpp_steps,
+            "prune_steps": self.prune_steps,
             "recovery_steps": self.recovery_steps,
         }
 
+    _STATE = {
+        "lam": (int, float),
+        "hard_pruned": bool,
+        "evals": dict,
+        "pre_prune_sparsity": (int, float, type(None)),
+        "mask_digest": (str, type(None)),
+        "ranks_agree": (bool, type(None)),
+        "last_sparsity": (int, float),
+    }
+
     def state_dict(self) -> dict:
-        return {
-            "config": self.config(),
-            "lam": self.lam,
-            "hard_pruned": self.hard_pruned,
-            "evals": self.evals,
-            "pre_prune_sparsity": self.pre_prune_sparsity,
-            "mask_digest": self.mask_digest,
-            "ranks_agree": self.ranks_agree,
-            "last_sparsity": self.last_sparsity,
-        }
+        return {"config": self.config(), **{key: getattr(self, key) for key in self._STATE}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint's controller; a UsageError for other settings or a corrupt file."""
+        bad = [k for k, kinds in self._STATE.items() if not isinstance(state.get(k, ...), kinds)]
+        if not isinstance(state.get("config"), dict) or bad:
+            wrong = ", ".join(bad) or "config"
+            raise UsageError(f"{CONTROLLER_FILE} of the checkpoint is corrupt (missing or wrong: {wrong})")
         if state["config"] != self.config():
             diff = [k for k in self.config() if state["config"].get(k) != self.config()[k]]
             raise UsageError(
-                f"checkpoint was made with different settings ({', '.join(diff)}); "
-                "resume with the same --target-sparsity, --block-size and step counts"
+                f"checkpoint was made with different settings ({', '.join(diff)}); resume with the same "
+                "--method, --target-sparsity, --block-size and step counts"
             )
-        for key in ("lam", "hard_pruned", "evals", "pre_prune_sparsity", "mask_digest", "ranks_agree"):
+        for key in self._STATE:
             setattr(self, key, state[key])
-        self.last_sparsity = state.get("last_sparsity", 0.0)
+
+
+class RPPController(PruningController):
+    """RPP: lambda placed so the reweighted proximal step prunes the scheduled share."""
+
+    method = "rpp"
+
+    def prepare(self, step: int) -> None:
+        share = self.scheduled(step + 1)
+        self.lam = 0.0 if share <= 0 else self._lambda_for(share)
+        self._set_lambda(self.lam)
+
+    @torch.no_grad()
+    def _lambda_for(self, share: float) -> float:
+        """lambda at which the next proximal step zeroes `share` of the tiles: the k-th smallest
+        rms(z_B) / alpha_B over all pruned tiles, divided by lr. z, the weight after the Adam update,
+        is estimated from the current moments; a tile zeroed before stays zero unless its
+        gradient pushes it past the threshold, so the pattern can still change."""
+        scores, lr = [], 0.0
+        for group in self.optimizer.param_groups:
+            if not group.get("prune", True):
+                continue
+            lr = group["lr"]
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                z = p.detach().float()
+                if state.get("step", 0):
+                    (beta1, beta2), t = group["betas"], int(state["step"])
+                    update = (state["exp_avg"] / (1 - beta1**t)) / (
+                        (state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + group["eps"]
+                    )
+                    z = z - lr * (update + group["weight_decay"] * z)
+                rms = tile_rms(z, self.block)
+                alpha = state.get("alpha")
+                scores.append((rms if alpha is None else rms / alpha).flatten())
+        flat = torch.cat(scores).cpu()
+        k = round(share * flat.numel())
+        if k == 0 or not lr:
+            return 0.0
+        return float(torch.kthvalue(flat, k).values) / lr
+
+
+class GMPController(PruningController):
+    """Gradual magnitude pruning: masks updated every `mask_every` steps along the schedule."""
+
+    method = "gmp"
+
+    def __init__(self, *args, mask_every: int = 5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask_every = max(1, mask_every)
+
+    def prepare(self, step: int) -> None:
+        offset = step - self.dense_steps
+        if offset < 0 or offset % self.mask_every:
+            return
+        share = self.scheduled(step + 1)
+        if share > 0:
+            named = pruned_named_params(self.optimizer)
+            freeze_with_masks(self.optimizer, named, hard_prune(named, share, self.block, self.prune_by))
+
+
+class OneShotController(PruningController):
+    """One prune to the target before training; every step trains with frozen masks."""
+
+    method = "oneshot"
+
+
+CONTROLLERS = {c.method: c for c in (RPPController, GMPController, OneShotController)}

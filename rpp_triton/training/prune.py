@@ -1,7 +1,9 @@
-"""`prune`: RPP on the masked-LM objective through `transformers.Trainer`, steered to a target
-sparsity, the hard prune to exactly that target, frozen-mask recovery steps, and a same-budget dense
-reference run to compare against. Works under `torchrun` (only rank 0 writes) and publishes its
-output directory atomically (docs/design.md, "Pruning")."""
+"""`prune`: a pruning method (RPP, or a baseline on the same budget) on a pre-training objective
+(masked LM, distillation from the dense model, or both) through `transformers.Trainer`, steered to
+a target sparsity, the hard prune to exactly that target and frozen-mask recovery steps; then the
+quality of the dense and the pruned model, measured side by side. Works under `torchrun` (every
+rank holds the teacher, only rank 0 writes) and publishes its output directory atomically
+(docs/design.md, "Pruning")."""
 
 from __future__ import annotations
 
@@ -9,100 +11,74 @@ import os
 import shutil
 import time
 
-import numpy as np
-
 from rpp_triton import artifacts as A
 from rpp_triton.errors import UsageError
-from rpp_triton.models import mlm_head
-from rpp_triton.tiles import layer_table
+from rpp_triton.tiles import layer_table, sparsity_of
 from rpp_triton.training.config import PruneConfig
-from rpp_triton.training.controller import SparsityController
+from rpp_triton.training.controller import CONTROLLERS
 from rpp_triton.training.hub import load_pretrained, max_positions, resolve_model, training_arguments
-from rpp_triton.training.trainer import MaskedPositions, make_trainer_class, pruned_named_params
+from rpp_triton.training.objectives import Objective
+from rpp_triton.training.quality import QualityProbe
+from rpp_triton.training.trainer import make_trainer_class, pruned_named_params
+
+DENSE_PROTOCOL = {
+    "mlm": "same budget: a second run from the same checkpoint, head initialisation, seed, data order, "
+    "learning rates and number of steps, with no pruning",
+    "distill": "the starting model (the teacher), untouched",
+}
+FIDELITY_PASSAGES = 128
 
 
-def _mlm_metrics(eval_pred) -> dict:
-    preds, labels = eval_pred.predictions, eval_pred.label_ids
-    keep = labels != -100
-    return {"mlm_accuracy": float((preds[keep] == labels[keep]).mean()) if keep.any() else 0.0}
+def _load_student(cfg: PruneConfig, model_name: str):
+    """(student, objective, newly initialised head keys, decoder tied). The checkpoint is read as a
+    masked-LM model to see whether it has a head; without one the default objective is `distill`,
+    which trains the bare encoder."""
+    from transformers import AutoModelForMaskedLM, set_seed
+
+    set_seed(cfg.seed)  # a fresh head starts the same in every run
+    model, info = load_pretrained(AutoModelForMaskedLM, model_name, output_loading_info=True)
+    prefix = model.base_model_prefix + "."
+    head_new = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(prefix))
+    objective = cfg.objective or ("distill" if head_new else "mlm+distill")
+    if objective == "distill":
+        return model.base_model, objective, [], False
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return model, objective, head_new, out_emb is not None and out_emb.weight is in_emb.weight
 
 
-def _argmax_logits(logits, labels):
-    return logits.argmax(-1)
+def _load_teacher(cfg: PruneConfig, model_name: str, student, tokenizer, want_head: bool):
+    """The frozen teacher: `--teacher DIR`, else the starting dense model. Its masked-LM head is
+    kept only when it has a trained one. A teacher with another vocabulary or hidden size cannot
+    be matched and is a UsageError."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-
-DENSE_PROTOCOL = (
-    "same budget: a second run from the same checkpoint, head initialisation, seed, data order, "
-    "learning rates and number of steps, with lambda = 0 and no hard prune"
-)
-
-
-class _MLMRun:
-    """One masked-LM Trainer run: the model (seeded, so a fresh head starts the same every time),
-    RPPAdamW, the sparsity controller and the Trainer, writing to `out`."""
-
-    def __init__(self, cfg: PruneConfig, model_name, data, out, target, steps, checkpoints=True):
-        from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, set_seed
-
-        from rpp_triton import RPPAdamW
-
-        tokenizer, train_blocks, eval_blocks = data
-        dense_steps, rpp_steps, recovery_steps = steps
-        set_seed(cfg.seed)
-        model, info = load_pretrained(AutoModelForMaskedLM, model_name, output_loading_info=True)
-        prefix = model.base_model_prefix + "."
-        self.head_new = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(prefix))
-        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-        self.tied = out_emb is not None and out_emb.weight is in_emb.weight
+    name = resolve_model(cfg.teacher)[0] if cfg.teacher else model_name
+    teacher, info = load_pretrained(AutoModelForMaskedLM, name, output_loading_info=True)
+    prefix = teacher.base_model_prefix + "."
+    if not want_head or any(not k.startswith(prefix) for k in info.get("missing_keys", ())):
+        teacher = teacher.base_model
+    if teacher.config.hidden_size != student.config.hidden_size:
+        raise UsageError(
+            f"teacher {name!r} has hidden size {teacher.config.hidden_size}, the model "
+            f"{student.config.hidden_size}: their hidden states cannot be matched"
+        )
+    if cfg.teacher:
         try:
-            self.optimizer = RPPAdamW(_mlm_groups(model, cfg, self.head_new), lr=cfg.lr)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        self.controller = SparsityController(
-            self.optimizer,
-            target,
-            cfg.block_size,
-            dense_steps,
-            rpp_steps,
-            recovery_steps,
-            init_lambda=cfg.rpp_lambda,
-            gain=cfg.lambda_gain,
-            prune_by=cfg.prune_by,
-        )
-        max_steps = sum(steps)
-        targs = training_arguments(
-            out,
-            max_steps=max_steps,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=cfg.batch_size,
-            learning_rate=cfg.lr,
-            lr_scheduler_type="constant_with_warmup",
-            warmup_steps=min(dense_steps, 20),
-            save_steps=cfg.save_steps or max_steps,
-            save_strategy="steps" if cfg.save_steps and checkpoints else "no",
-            save_total_limit=None if cfg.keep_checkpoints else 2,
-            logging_steps=cfg.logging_steps,
-            seed=cfg.seed,
-            eval_strategy="no",
-        )
-        head = mlm_head(model)
-        self.trainer = make_trainer_class()(
-            model=model,
-            args=targs,
-            train_dataset=train_blocks,
-            eval_dataset=eval_blocks,
-            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability),
-            processing_class=tokenizer,
-            optimizers=(self.optimizer, None),
-            callbacks=[self.controller],
-            compute_metrics=None if head else _mlm_metrics,
-            preprocess_logits_for_metrics=None if head else _argmax_logits,
-        )
-        self.trainer.controller = self.controller
-        self.trainer.masked_lm = MaskedPositions(head) if head is not None else None
+            same = AutoTokenizer.from_pretrained(name).get_vocab() == tokenizer.get_vocab()
+        except (OSError, ValueError):
+            same = teacher.config.vocab_size == len(tokenizer)
+        if not same:
+            raise UsageError(f"teacher {name!r} uses another vocabulary than the model")
+    return teacher.eval().requires_grad_(False)
 
 
-def _mlm_groups(model, cfg: PruneConfig, head_new: list[str]) -> list[dict]:
+def _optimizer_class(name: str):
+    import rpp_triton as rpp
+
+    return rpp.RPPAdamW if name == "adamw" else rpp.RPPLamb
+
+
+def _param_groups(model, cfg: PruneConfig, head_new: list[str]) -> list[dict]:
     """The default pruning split, with a freshly initialised masked-LM head (MiniLM ships without
     one) in its own group at `head_lr_scale` x the learning rate, so it fits within the budget."""
     from rpp_triton import param_groups
@@ -111,7 +87,6 @@ def _mlm_groups(model, cfg: PruneConfig, head_new: list[str]) -> list[dict]:
         model,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        rpp_lambda=cfg.rpp_lambda,
         reweight_every=cfg.reweight_every,
         reweight_eps=cfg.reweight_eps,
         block_size=cfg.block_size,
@@ -133,144 +108,229 @@ def _mlm_groups(model, cfg: PruneConfig, head_new: list[str]) -> list[dict]:
     return out
 
 
-def prune(config: PruneConfig) -> dict:
-    """Run `rpp-triton prune`; returns the report written to rpp_report.json."""
-    from transformers import AutoTokenizer
+class _Run:
+    """One Trainer run writing to `out`: the student, the optimizer, the method's controller and
+    the objective. `method=None` trains densely (the same-budget reference)."""
 
+    def __init__(self, cfg: PruneConfig, student, data, out, steps, method, teacher, checkpoints=True):
+        from transformers import DataCollatorForLanguageModeling, default_data_collator
+
+        tokenizer, train_blocks, eval_blocks = data
+        self.model, self.objective_name, self.head_new, self.tied = student
+        try:
+            self.optimizer = _optimizer_class(cfg.optimizer)(
+                _param_groups(self.model, cfg, self.head_new), lr=cfg.lr
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        dense_steps, prune_steps, recovery_steps = steps
+        controller_cls = CONTROLLERS[method or "rpp"]
+        kwargs = {"mask_every": cfg.mask_every} if method == "gmp" else {}
+        self.controller = controller_cls(
+            self.optimizer,
+            cfg.target_sparsity if method else 0.0,
+            cfg.block_size,
+            dense_steps,
+            prune_steps,
+            recovery_steps,
+            ramp=cfg.ramp,
+            prune_by=cfg.prune_by,
+            **kwargs,
+        )
+        total = sum(steps)
+        targs = training_arguments(
+            out,
+            max_steps=total,
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.batch_size,
+            learning_rate=cfg.lr,
+            lr_scheduler_type="constant_with_warmup",
+            warmup_steps=min(max(dense_steps, total // 10), 20),
+            save_steps=cfg.save_steps or total,
+            save_strategy="steps" if cfg.save_steps and checkpoints else "no",
+            save_total_limit=None if cfg.keep_checkpoints else 2,
+            logging_steps=cfg.logging_steps,
+            seed=cfg.seed,
+            eval_strategy="no",
+        )
+        masked = "mlm" in self.objective_name
+        collator = (
+            DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability)
+            if masked
+            else default_data_collator
+        )
+        if not masked:
+            eval_blocks = [{k: v for k, v in b.items() if k != "labels"} for b in eval_blocks]
+        self.trainer = make_trainer_class()(
+            model=self.model,
+            args=targs,
+            train_dataset=train_blocks,
+            eval_dataset=eval_blocks,
+            data_collator=collator,
+            processing_class=tokenizer,
+            optimizers=(self.optimizer, None),
+            callbacks=[self.controller],
+        )
+        self.trainer.controller = self.controller
+        self.trainer.objective = Objective(self.objective_name, self.model, teacher, cfg.temperature)
+
+
+def _read_text(cfg: PruneConfig, tokenizer, model_name: str):
     from rpp_triton.data import text as D
 
-    started = time.time()
-    cfg = config.resolved()
-    dense_steps, rpp_steps, recovery_steps = cfg.steps()
-    partial = A.check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume_from_checkpoint)
-    controller_state = None
-    if cfg.resume_from_checkpoint:
-        controller_state = A.check_checkpoint(cfg.resume_from_checkpoint)
-        if controller_state is None:
-            raise UsageError(f"checkpoint {cfg.resume_from_checkpoint!r} has no {A.CONTROLLER_FILE}")
-
-    model_name, _ = resolve_model(cfg.model)
-    tokenizer = load_pretrained(AutoTokenizer, model_name)
-    if tokenizer.mask_token_id is None:
-        raise UsageError(f"tokenizer of {model_name!r} has no mask token, so it cannot do masked LM")
     if cfg.dataset is None:
         train_text, held_text = D.default_text()
         dataset_name = "pydoc_data.topics"
     else:
         train_text, held_text = D.load_text(cfg.dataset, cfg.text_column)
         dataset_name = cfg.dataset
-
     seq_len = min(cfg.seq_len, max_positions(model_name, cfg.seq_len))
     train_blocks = D.mlm_blocks(tokenizer, train_text, seq_len)
     eval_blocks = D.static_masked_eval(
-        tokenizer, D.mlm_blocks(tokenizer, held_text, seq_len)[: cfg.eval_blocks]
+        tokenizer, D.mlm_blocks(tokenizer, held_text, seq_len)[: cfg.eval_blocks], cfg.mlm_probability
     )
     if not train_blocks or not eval_blocks:
         raise UsageError(f"dataset {dataset_name!r} is too short for blocks of {seq_len} tokens")
+    return (tokenizer, train_blocks, eval_blocks), held_text, dataset_name, seq_len
 
-    block = cfg.block_size
-    data = (tokenizer, train_blocks, eval_blocks)
-    steps = (dense_steps, rpp_steps, recovery_steps)
-    run = _MLMRun(cfg, model_name, data, partial, cfg.target_sparsity, steps)
-    trainer, controller, optimizer = run.trainer, run.controller, run.optimizer
+
+def _scores(evals: dict, key: str) -> dict:
+    """A phase's held-out scores without the `eval_` prefix and Trainer's bookkeeping."""
+    skip = ("runtime", "per_second", "epoch")
+    return {
+        k.removeprefix("eval_"): v
+        for k, v in evals.get(key, {}).items()
+        if not any(s in k for s in skip) and k != "eval_loss"
+    }
+
+
+def prune(config: PruneConfig) -> dict:
+    """Run `rpp-triton prune`; returns the report written to rpp_report.json."""
+    from transformers import AutoTokenizer
+
+    started = time.time()
+    cfg = config.resolved()
+    partial = A.check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume_from_checkpoint)
+    controller_state = None
+    if cfg.resume_from_checkpoint:
+        controller_state = A.check_checkpoint(cfg.resume_from_checkpoint)
+        if controller_state is None:
+            raise UsageError(f"checkpoint {cfg.resume_from_checkpoint!r} has no {A.CONTROLLER_FILE}")
+    model_name, _ = resolve_model(cfg.model)
+    tokenizer = load_pretrained(AutoTokenizer, model_name)
+    if tokenizer.mask_token_id is None and cfg.objective != "distill":
+        raise UsageError(f"tokenizer of {model_name!r} has no mask token; use --objective distill")
+    data, held_text, dataset_name, seq_len = _read_text(cfg, tokenizer, model_name)
+
+    student = _load_student(cfg, model_name)
+    objective = student[1]
+    steps = cfg.steps(objective)
+    teacher = None
+    if "distill" in objective:
+        teacher = _load_teacher(cfg, model_name, student[0], tokenizer, "mlm" in objective)
+    reference = teacher
+    if reference is None:
+        from transformers import AutoModel
+
+        reference = load_pretrained(AutoModel, model_name).eval()
+    # Before the Trainer exists: loading and embedding must not move the RNG its run starts from.
+    probe = QualityProbe(tokenizer, held_text[:FIDELITY_PASSAGES], reference)
+    run = _Run(cfg, student, data, partial, steps, cfg.method, teacher)
+    trainer, controller = run.trainer, run.controller
     if controller_state is not None:
         controller.load_state_dict(controller_state)
 
     A.start_partial(partial, cfg.resume_from_checkpoint)
-    want_reference = cfg.target_sparsity > 0 and cfg.dense_reference == "same-budget"
-    if want_reference and "dense_reference" not in controller.evals:
-        # Same start, head initialisation, data order, learning rates and step count; lambda = 0
-        # and no hard prune. The pruned model's accuracy is compared against this.
+    same_budget = "mlm" in objective and cfg.target_sparsity > 0 and cfg.dense_reference == "same-budget"
+    if same_budget and "dense_reference" not in controller.evals:
+        # Same start, head initialisation, data order, learning rates and step count; no pruning.
         ref_dir = os.path.join(partial, "dense-reference")
-        ref = _MLMRun(
-            cfg, model_name, data, ref_dir, 0.0, (dense_steps, rpp_steps + recovery_steps, 0), False
-        )
+        student = _load_student(cfg, model_name)
+        ref_steps = (steps[0], steps[1] + steps[2], 0)
+        ref = _Run(cfg, student, data, ref_dir, ref_steps, None, teacher, checkpoints=False)
         ref.trainer.train()
-        controller.evals["dense_reference"] = ref.controller.evals["final"]
+        controller.evals["dense_reference"] = {**ref.controller.evals["final"], **probe.measure(ref.model)}
         del ref
         if A.is_main_process():
             shutil.rmtree(ref_dir, ignore_errors=True)
-    if dense_steps == 0 and cfg.resume_from_checkpoint is None:
+    if steps[0] == 0 and cfg.resume_from_checkpoint is None and cfg.method != "oneshot":
         trainer.evaluate()  # the state before any training
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
-    head_new, tied = run.head_new, run.tied
 
-    named = pruned_named_params(optimizer)
-    layers = layer_table(named, block)
-    zeros = sum(round(r["sparsity"] * np.prod(r["shape"])) for r in layers)
-    total = sum(int(np.prod(r["shape"])) for r in layers)
+    named = pruned_named_params(run.optimizer)
     evals = controller.evals
-
-    def mlm(key):
-        m = evals.get(key)
-        return (
-            None
-            if m is None
-            else {"mlm_accuracy": m.get("eval_mlm_accuracy"), "mlm_loss": m.get("eval_loss")}
-        )
-
     if cfg.target_sparsity == 0:
-        dense, protocol = mlm("final"), "this run: target sparsity 0 trains densely for the whole budget"
+        dense, protocol = {**_scores(evals, "final"), **probe.measure(run.model)}, "this run (target 0)"
     elif "dense_reference" in evals:
-        dense, protocol = mlm("dense_reference"), DENSE_PROTOCOL
+        dense, protocol = _scores(evals, "dense_reference"), DENSE_PROTOCOL["mlm"]
     else:
-        dense, protocol = None, "none (--dense-reference none)"
+        dense, protocol = probe.measure(reference), DENSE_PROTOCOL["distill"]
+    pruned = {**_scores(evals, "final"), **probe.measure(run.model)}
+    dense_steps, prune_steps, recovery_steps = steps
     report = {
-        "sparsity": zeros / total,
+        "sparsity": sparsity_of(w for _, w in named),
         "target_sparsity": cfg.target_sparsity,
-        "block_size": list(block),
-        "layers": layers,
-        "dense": dense,
-        "pruned": mlm("final"),
+        "block_size": list(cfg.block_size),
+        "layers": layer_table(named, cfg.block_size),
+        "method": cfg.method,
+        "objective": objective,
+        "optimizer": cfg.optimizer,
+        "quality": {"dense": dense, "pruned": pruned},
         "dense_reference": protocol,
-        "dense_before_pruning": mlm("dense"),
-        "pruned_before_recovery": mlm("hard_pruned"),
+        "phases": {k: _scores(evals, k) for k in ("dense", "hard_pruned") if k in evals},
         "sparsity_before_hard_prune": controller.pre_prune_sparsity,
         "steps": {
             "dense": dense_steps,
-            "rpp": rpp_steps,
+            "prune": prune_steps,
             "recovery": recovery_steps,
             "total": cfg.max_steps,
         },
-        "final_lambda": controller.lam,
         "prune_by": cfg.prune_by,
+        "teacher": cfg.teacher or ("the starting model" if teacher is not None else None),
         "model": "all-MiniLM-L6-v2 (embedded)" if cfg.model is None else cfg.model,
         "dataset": dataset_name,
         "seq_len": seq_len,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
-        "head_lr_scale": cfg.head_lr_scale,
+        "seed": cfg.seed,
         "world_size": A.world_size(),
         "masks_identical_on_all_ranks": controller.ranks_agree,
         "mask_digest": controller.mask_digest,
-        "newly_initialised": head_new,
-        "output_embeddings_tied": tied,
+        "newly_initialised": run.head_new,
         "seconds": round(time.time() - started, 1),
     }
-    if head_new:
+    if run.head_new:
         report["note"] = (
             "the checkpoint has no masked-LM head: it was initialised fresh"
-            + (" with its decoder tied to the word embeddings" if tied else "")
+            + (" with its decoder tied to the word embeddings" if run.tied else "")
             + f"; it trains at {cfg.head_lr_scale:g}x the learning rate"
         )
     if trainer.is_world_process_zero():
         trainer.save_model(partial)
-        A.save_masks(os.path.join(partial, A.MASKS_FILE), named, block)
+        A.save_masks(os.path.join(partial, A.MASKS_FILE), named, cfg.block_size)
         A.write_json(partial, A.LOG_FILE, trainer.state.log_history)
         A.write_json(partial, A.REPORT_FILE, report)
         A.publish(partial, cfg.output_dir, cfg.keep_checkpoints)
-        _print_summary(report, cfg.output_dir)
+        print(summary(report, cfg.output_dir))
     return report
 
 
-def _print_summary(report: dict, out: str) -> None:
-    def fmt(m):
-        if not m:
-            return "n/a"
-        return f"accuracy {m['mlm_accuracy']:.4f}, loss {m['mlm_loss']:.4f}"
-
+def summary(report: dict, out: str) -> str:
+    """The few lines a person reads after a run: dense beside pruned, on every measure."""
+    names = [
+        k
+        for k in ("embedding_fidelity", "topic_accuracy", "mlm_accuracy")
+        if k in report["quality"]["pruned"]
+    ]
     bh, bw = report["block_size"]
-    print("masked LM on held-out text")
-    print(f"  dense, same budget:  {fmt(report['dense'])}")
-    print(f"  pruned ({report['sparsity']:.1%} sparse, {bh}x{bw} tiles): {fmt(report['pruned'])}")
-    print(f"wrote {out} ({report['seconds']} s)")
+    lines = [
+        f"{report['method']} on {report['objective']}: {report['sparsity']:.1%} of the encoder weights zero "
+        f"({bh}x{bw} tiles, target {report['target_sparsity']:.0%})",
+        f"  {'':28}" + "".join(f"{n:>20}" for n in names),
+    ]
+    for key, label in (("dense", "dense"), ("pruned", "pruned")):
+        row = report["quality"][key]
+        lines.append(f"  {label:28}" + "".join(f"{row.get(n, float('nan')):>20.4f}" for n in names))
+    lines.append(f"  dense reference: {report['dense_reference']}")
+    lines.append(f"wrote {out} ({report['seconds']} s)")
+    return "\n".join(lines)

@@ -1,6 +1,5 @@
 """The `transformers.Trainer` every run uses, and what it needs to know about the optimizer: which
-parameters are pruned, how sparse they are, and whether every rank holds the same masks. The
-masked-LM loss runs the head on the labelled positions only."""
+parameters are pruned, how sparse they are, and whether every rank holds the same masks."""
 
 from __future__ import annotations
 
@@ -44,40 +43,10 @@ def ranks_agree(digest: str) -> bool:
     return len(set(gathered)) == 1
 
 
-class MaskedPositions:
-    """Forward pre-hook on the masked-LM head: while `select` is set, only the positions it marks
-    (the ~15% that carry a label) reach the head. MiniLM's head projects 384 features onto 30522
-    words, more arithmetic than the whole encoder when it runs on every position."""
-
-    def __init__(self, head):
-        self.select = None
-        head.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        if self.select is None:
-            return None
-        return (args[0][self.select], *args[1:])
-
-    def loss(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean cross-entropy over the labelled positions, their predictions, their labels)."""
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        self.select = labels != -100
-        try:
-            logits = model(**inputs).logits
-        finally:
-            select, self.select = self.select, None
-        target = labels[select]
-        if target.numel() == 0:
-            return logits.sum() * 0.0, target, target
-        loss = torch.nn.functional.cross_entropy(logits.float(), target)
-        return loss, logits.argmax(-1), target
-
-
 def make_trainer_class():
     """`Trainer` whose logs carry lambda and per-layer sparsity, so TensorBoard and the training
-    log get them. With `masked_lm` set (a `MaskedPositions`) the loss and the evaluation run the
-    masked-LM head on labelled positions only."""
+    log get them. With `objective` set (an `objectives.Objective`) it computes the loss and the
+    held-out evaluation."""
     from transformers import Trainer
     from transformers.trainer_callback import ProgressCallback
 
@@ -91,7 +60,7 @@ def make_trainer_class():
 
     class RPPTrainer(Trainer):
         controller = None  # a SparsityController, whose log fields join the logs
-        masked_lm: MaskedPositions | None = None
+        objective = None
         loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
         def __init__(self, *args, **kwargs):
@@ -105,41 +74,19 @@ def make_trainer_class():
             return super().log(logs, *args, **kwargs)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.masked_lm is None or return_outputs:
+            if self.objective is None or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return self.masked_lm.loss(model, inputs)[0]
+            return self.objective.loss(model, inputs)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-            if self.masked_lm is None:
+            if self.objective is None:
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
             # Every rank scores the whole (small) held-out set with identical weights, so no gather.
             data = eval_dataset if eval_dataset is not None else self.eval_dataset
-            metrics = {
-                f"{metric_key_prefix}_{k}": v
-                for k, v in evaluate_mlm(self.model, data, self.masked_lm, self.args.eval_batch_size).items()
-            }
+            scores = self.objective.evaluate(self.model, data, self.args.eval_batch_size)
+            metrics = {f"{metric_key_prefix}_{k}": v for k, v in scores.items()}
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
 
     return RPPTrainer
-
-
-@torch.no_grad()
-def evaluate_mlm(model, blocks: list[dict], masked_lm: MaskedPositions, batch_size: int) -> dict:
-    """Masked-LM loss (mean over labelled tokens) and accuracy on pre-masked `blocks`."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    loss_sum, correct, count = 0.0, 0, 0
-    try:
-        for start in range(0, len(blocks), batch_size):
-            rows = blocks[start : start + batch_size]
-            batch = {k: torch.tensor([r[k] for r in rows], device=device) for k in rows[0]}
-            loss, preds, labels = masked_lm.loss(model, batch)
-            loss_sum += float(loss) * labels.numel()
-            correct += int((preds == labels).sum())
-            count += labels.numel()
-    finally:
-        model.train(was_training)
-    return {"loss": loss_sum / max(count, 1), "mlm_accuracy": correct / max(count, 1)}
