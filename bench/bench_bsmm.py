@@ -7,7 +7,8 @@ CPU: fp32 only, `RPP_BENCH_CPU_THREADS` threads (default 1), a short list of cas
 BERT-base shapes at 0-95% tile sparsity, tiles 32 and 64; skipped without a GPU. Each timed call on the GPU
 replays `GPU_INNER` products from a CUDA graph and synchronises (device time, launch overhead left
 out for every implementation alike; eager if capture fails, see extra_info["cuda_graph"]).
-The whole-encoder cases compare a random BERT-base encoder, dense vs sparsified at 80%.
+The whole-encoder cases compare a random BERT-base encoder, dense against sparsified (all layers,
+or those `choose_layers` measured faster), eager and compiled (CUDA graphs on the GPU).
 """
 
 import warnings
@@ -20,6 +21,7 @@ from _common import BERT_BASE_TOKENS as M
 from _common import cpu_threads, device_name, median_seconds, pruned_bert, pruned_linear, record
 
 import rpp_triton as rpp
+from rpp_triton.sparse import choose_layers, compile_sparse
 
 HAS_CUDA = torch.cuda.is_available()
 GPU_INNER = 10
@@ -148,25 +150,39 @@ def test_cuda_bf16(benchmark, case, impl):
 # ------------------------------------------------------------------------------------------------
 # Whole encoder
 # ------------------------------------------------------------------------------------------------
-ENCODER_CASES = [("cpu", torch.float32, 2), ("cuda", torch.bfloat16, 64)]
+ENCODER_CASES = [
+    ("cpu", torch.float32, 2, 0.8),
+    ("cuda", torch.bfloat16, 64, 0.8),
+    ("cuda", torch.bfloat16, 1, 0.9),
+]
+# sparse_chosen: sparse only where choose_layers measured it faster; *_compiled: compile_sparse, with
+# CUDA graphs (mode="reduce-overhead") on the GPU.
+ENCODER_FORMS = ["dense", "sparse", "sparse_chosen", "dense_compiled", "sparse_compiled"]
 
 
-@pytest.mark.parametrize("form", ["dense", "sparse"])
-@pytest.mark.parametrize("setup", ENCODER_CASES, ids=lambda c: f"{c[0]}-batch{c[2]}")
+@pytest.mark.parametrize("form", ENCODER_FORMS)
+@pytest.mark.parametrize("setup", ENCODER_CASES, ids=lambda c: f"{c[0]}-batch{c[2]}-sp{c[3]}")
 def test_bert_base_encoder(benchmark, setup, form):
     pytest.importorskip("transformers")
-    device, dtype, batch = setup
+    device, dtype, batch, sparsity = setup
     if device == "cuda" and not HAS_CUDA:
         pytest.skip("needs a CUDA device")
+    if device == "cpu" and form.endswith("compiled"):
+        pytest.skip("compiling BERT-base takes minutes on a small CPU; the compiled forms are GPU cases")
     if device == "cpu":
         torch.set_num_threads(cpu_threads())
     torch.manual_seed(0)
-    sparsity, tile, seq = 0.8, 32, 128
+    tile, seq = 32, 128
     model = pruned_bert(sparsity, tile, dtype, device)
-    if form == "sparse":
-        rpp.sparsify(model, block_size=tile, min_sparsity=0.5)
     ids = torch.randint(0, 30522, (batch, seq), device=device)
     with torch.no_grad():
+        if form.startswith("sparse"):
+            rpp.sparsify(model, block_size=tile, min_sparsity=0.5)
+        if form == "sparse_chosen":
+            chosen = choose_layers(model, {"input_ids": ids})
+            benchmark.extra_info["sparse_layers"] = sum(r["sparse"] for r in chosen.values())
+        if form.endswith("compiled"):
+            model = compile_sparse(model, mode="reduce-overhead" if device == "cuda" else None)
         fn = lambda: model(input_ids=ids).last_hidden_state
         benchmark.group = (
             f"{device} bert-base encoder batch={batch} seq={seq} {str(dtype)[6:]} sparsity={sparsity}"

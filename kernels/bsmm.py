@@ -37,11 +37,12 @@ machine; the exact crossover was not pinned down).
 """
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 
-from rpp_triton.backend import interpreting
+from rpp_triton.backend import interpreting, resolve
 from rpp_triton.kernels._compat import HAS_TRITON, tl, triton
 
 
@@ -263,7 +264,7 @@ def bsmm(x, values, col_idx, row_ptr, bias=None, gelu=False, block_m=None, rows=
     """
     check_bsmm_inputs(x, values, col_idx, row_ptr, bias)
     _, bh, bw = values.shape
-    if min(bh, bw) < 16 or bh & (bh - 1) or bw & (bw - 1):
+    if not kernel_supports((bh, bw)):
         raise ValueError(f"the Triton kernel needs power-of-two tiles of at least 16, got {bh}x{bw}")
     in_f = x.shape[-1]
     n_rows = row_ptr.numel() - 1
@@ -301,3 +302,66 @@ def bsmm(x, values, col_idx, row_ptr, bias=None, gelu=False, block_m=None, rows=
 
 def _bucket(m: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, m))))
+
+
+def kernel_supports(block) -> bool:
+    """True for tiles the Triton kernel takes: both sides powers of two, at least 16 (tl.dot)."""
+    return all(v >= 16 and v & (v - 1) == 0 for v in block)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Registered operator: torch.ops.rpp_triton.bsmm
+# ----------------------------------------------------------------------------------------------
+# An opaque custom_op rather than triton_op: the CPU body is a Python loop over block-rows that only
+# concrete index tensors can drive, so torch.compile must call it, not trace it. The op is then one
+# extern call in the graph on every device, and inside it nothing syncs with the GPU on the Triton
+# path, so CUDA graphs (mode="reduce-overhead") capture it.
+def uses_kernel(backend: str, device, block) -> bool:
+    """Whether `backend` ("auto", "triton", "torch") runs the Triton kernel for tensors on `device`
+    with `block` tiles. "auto" falls back to PyTorch for tiles the kernel does not take; with
+    "triton" the launcher refuses them."""
+    if resolve(backend, device) == "torch":
+        return False
+    return backend == "triton" or kernel_supports(block)
+
+
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _cached_plan(values, col_idx, row_ptr, in_features: int):
+    """bsmm_cpu_plan, kept while the same three tensors live unmodified: a layer's weights come back
+    on every call, and rebuilding the plan costs a host copy of the indices (a sync on the GPU)."""
+    tensors = (values, col_idx, row_ptr)
+    key = (*map(id, tensors), in_features)
+    # Inference tensors have no version counter; they can only change inside inference mode.
+    state = tuple(0 if t.is_inference() else t._version for t in tensors)
+    hit = _PLANS.get(key)
+    if hit is None or hit[1] != state or any(r() is not t for r, t in zip(hit[0], tensors)):
+        refs = tuple(weakref.ref(t, lambda _, k=key: _PLANS.pop(k, None)) for t in tensors)
+        hit = _PLANS[key] = (refs, state, bsmm_cpu_plan(values, col_idx, row_ptr, in_features))
+    return hit[2]
+
+
+@torch.library.custom_op("rpp_triton::bsmm", mutates_args=())
+def bsmm_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_idx: torch.Tensor,
+    row_ptr: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gelu: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = act(x @ W^T + bias) as `torch.ops.rpp_triton.bsmm`: the Triton kernel where `backend`
+    resolves to it (see `uses_kernel`), else `bsmm_ref` with a cached plan. For inference: no
+    autograd formula is registered."""
+    check_bsmm_inputs(x, values, col_idx, row_ptr, bias)
+    if uses_kernel(backend, x.device, values.shape[1:]):
+        return bsmm(x, values, col_idx, row_ptr, bias, gelu)
+    plan = _cached_plan(values, col_idx, row_ptr, x.shape[-1])
+    return bsmm_ref(x, values, col_idx, row_ptr, bias, gelu, plan=plan)
+
+
+@bsmm_op.register_fake
+def _bsmm_fake(x, values, col_idx, row_ptr, bias=None, gelu=False, backend="auto"):
+    return x.new_empty((*x.shape[:-1], (row_ptr.shape[0] - 1) * values.shape[1]))

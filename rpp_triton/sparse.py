@@ -2,39 +2,49 @@
 
 `BlockSparseLinear.from_dense(linear)` keeps only the non-zero tiles of the weight;
 `sparsify(model)` swaps every suitable `nn.Linear` of a model (any `nn.Module`, including
-`transformers` BERT-family models) in place and `densify(model)` undoes it. `save_sparse` writes
-only the stored tiles (safetensors) and `load_sparse` reads them back into either form.
+`transformers` BERT-family models) in place and `densify(model)` undoes it. `choose_layers` keeps a
+layer sparse only where that is faster than dense, and `compile_sparse` compiles the model.
+`save_sparse` writes only the stored tiles (safetensors) and `load_sparse` reads them back into
+either form; `save_pretrained` of a sparsified `transformers` model writes plain dense weights.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import math
 import os
+import time
+from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from rpp_triton.backend import check_backend, resolve
-from rpp_triton.kernels.bsmm import bsmm, bsmm_cpu_plan, bsmm_ref, bsr_from_dense, bsr_to_dense
+from rpp_triton.backend import check_backend
+from rpp_triton.kernels.bsmm import bsmm_op, bsr_from_dense, bsr_to_dense
 from rpp_triton.models import following_gelu
 from rpp_triton.tiles import as_block, tile_sparsity
 
-__all__ = ["BlockSparseLinear", "sparsify", "densify", "save_sparse", "load_sparse", "tile_sparsity"]
+__all__ = [
+    "BlockSparseLinear", "sparsify", "densify", "choose_layers", "compile_sparse", "save_sparse",
+    "load_sparse", "tile_sparsity",
+]  # fmt: skip
 
 SAFETENSORS_NAME = "sparse_model.safetensors"
 _META_KEY = "rpp_triton.sparse"
-
-
-def _kernel_supports(bh: int, bw: int) -> bool:
-    return all(v >= 16 and v & (v - 1) == 0 for v in (bh, bw))
+_BSR = ("values", "col_idx", "row_ptr")
 
 
 class BlockSparseLinear(nn.Module):
     """y = x @ W^T + b (then exact GELU when `gelu`) with W stored as its non-zero tiles (BSR).
 
-    For inference: the tiles, indices and bias are buffers (they follow `.to()` and the state dict)
-    and no gradient flows into them; use `densify` to train again.
+    For inference: the tiles, indices and bias are buffers that follow `.to()`, and no gradient flows
+    through the layer; use `densify` to train again. Its state dict holds the dense `weight` and
+    `bias` of an `nn.Linear` (densified on save, re-packed into tiles on load), so `state_dict`,
+    `load_state_dict` and `save_pretrained` see an ordinary linear layer; `save_sparse` writes the
+    tiles themselves.
     """
 
     def __init__(self, in_features, out_features, block_size, values, col_idx, row_ptr, bias=None,
@@ -97,6 +107,7 @@ class BlockSparseLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`torch.ops.rpp_triton.bsmm` after checks that raise ValueError, not a kernel error."""
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
         if not x.is_floating_point():
@@ -108,25 +119,35 @@ class BlockSparseLinear(nn.Module):
             )
         if x.device != self.values.device:
             raise ValueError(f"input is on {x.device} but the layer's weights are on {self.values.device}")
-        backend = resolve(self.backend, x.device)
-        bh, bw = self.block_size
-        if backend == "triton" and not _kernel_supports(bh, bw):
-            if self.backend == "triton":
-                raise ValueError(
-                    f"the Triton kernel needs power-of-two tiles >= 16, this layer has {bh}x{bw}"
-                )
-            backend = "torch"
-        if backend == "triton":
-            return bsmm(x, self.values, self.col_idx, self.row_ptr, self.bias, gelu=self.gelu)
-        return bsmm_ref(x, self.values, self.col_idx, self.row_ptr, self.bias, self.gelu, self._plan())
+        return bsmm_op(x, self.values, self.col_idx, self.row_ptr, self.bias, self.gelu, self.backend)
 
-    def _plan(self):
-        # The CPU path's per-block-row layout, rebuilt only when the tiles change (in place or .to()).
-        key = (self.values.data_ptr(), self.values._version, self.values.dtype, self.values.device)
-        if getattr(self, "_plan_key", None) != key:
-            self._plan_cache = bsmm_cpu_plan(self.values, self.col_idx, self.row_ptr, self.in_features)
-            self._plan_key = key
-        return self._plan_cache
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for key in ("weight", "bias") if self.bias is not None else ("weight",):
+            if prefix + key not in state_dict:
+                missing.append(prefix + key)
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None:
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                errors.append(
+                    f"size mismatch for {prefix}weight: checkpoint {tuple(weight.shape)}, "
+                    f"layer ({self.out_features}, {self.in_features})"
+                )
+            else:
+                weight = weight.to(device=self.values.device, dtype=self.values.dtype)
+                for name, t in zip(_BSR, bsr_from_dense(weight, self.block_size)):
+                    setattr(self, name, t)
+        if self.bias is not None and prefix + "bias" in state_dict:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[prefix + "bias"])
+        if strict:
+            unexpected.extend(
+                k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in ("weight", "bias")
+            )
 
     def extra_repr(self) -> str:
         bh, bw = self.block_size
@@ -138,12 +159,16 @@ class BlockSparseLinear(nn.Module):
 
 
 class FusedActivation(nn.Identity):
-    """Stands where an activation was fused into the preceding BlockSparseLinear; keeps the original
-    so `densify` can put it back."""
+    """Stands where an activation was fused into the sibling BlockSparseLinear named `layer`; keeps
+    the original so `densify` can put it back."""
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, layer: str):
         super().__init__()
         self.original = original
+        self.layer = layer
+
+    def extra_repr(self) -> str:
+        return f"fused into {self.layer!r}"
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -191,23 +216,98 @@ def sparsify(model: nn.Module, block_size=32, min_sparsity=0.0, backend="auto", 
             layer = BlockSparseLinear.from_dense(child, (bh, bw), backend, gelu=act_name is not None)
             setattr(parent, name, layer)
             if act_name is not None:
-                setattr(parent, act_name, FusedActivation(getattr(parent, act_name)))
+                setattr(parent, act_name, FusedActivation(getattr(parent, act_name), name))
     return model
 
 
-def densify(model: nn.Module) -> nn.Module:
-    """Inverse of `sparsify`: each BlockSparseLinear back to an `nn.Linear`, fused GELUs restored."""
+def densify(model: nn.Module, layers=None) -> nn.Module:
+    """Inverse of `sparsify`: each BlockSparseLinear (only those named in `layers`, if given) back to
+    an `nn.Linear`, its fused GELU restored. Returns the model (for a BlockSparseLinear itself, the
+    `nn.Linear`, followed by `nn.GELU` in an `nn.Sequential` where one was fused)."""
     if isinstance(model, BlockSparseLinear):
         if model.gelu:
             return nn.Sequential(model.to_linear(), nn.GELU())
         return model.to_linear()
-    for parent in list(model.modules()):
+    for path, parent in list(model.named_modules()):
+        undone = set()
         for name, child in list(parent._modules.items()):
-            if isinstance(child, BlockSparseLinear):
+            full = f"{path}.{name}" if path else name
+            if isinstance(child, BlockSparseLinear) and (layers is None or full in layers):
                 setattr(parent, name, child.to_linear())
-            elif isinstance(child, FusedActivation):
+                undone.add(name)
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, FusedActivation) and child.layer in undone:
                 setattr(parent, name, child.original)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse where it pays, compiled
+# ----------------------------------------------------------------------------------------------
+def best_time(fn, repeats: int = 5) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn` after one warm-up call (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _dense_forward(x, weight, bias, gelu):
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+@torch.no_grad()
+def choose_layers(model: nn.Module, example_input, timer=best_time) -> dict[str, dict]:
+    """Keep each BlockSparseLinear of `model` only where it is faster than dense; densify the others
+    in place.
+
+    Each layer is timed, sparse and as a dense `F.linear` (plus its fused GELU), on the input it
+    receives when `model` runs `example_input` (a dict of keyword arguments, a tuple of positional
+    ones, or one tensor), so pass the batch shape the model will serve. `timer(fn) -> seconds` times
+    a call without arguments. Returns {layer name: {"sparse_s", "dense_s", "sparse"}}.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
+    inputs = {}
+
+    def keep_input(name, _, args):
+        inputs.setdefault(name, args[0])
+
+    hooks = [m.register_forward_pre_hook(functools.partial(keep_input, n)) for n, m in layers.items()]
+    try:
+        if isinstance(example_input, Mapping):
+            model(**example_input)
+        elif isinstance(example_input, tuple):
+            model(*example_input)
+        else:
+            model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    report = {}
+    for name, layer in layers.items():
+        if name not in inputs:
+            continue  # not reached by this input: left as it is
+        x = inputs[name]
+        dense = functools.partial(_dense_forward, x, layer.dense_weight(), layer.bias, layer.gelu)
+        sparse_s, dense_s = timer(functools.partial(layer, x)), timer(dense)
+        report[name] = {"sparse_s": sparse_s, "dense_s": dense_s, "sparse": sparse_s < dense_s}
+    densify(model, {n for n, r in report.items() if not r["sparse"]})
+    return report
+
+
+def compile_sparse(model: nn.Module, mode: str | None = None, dynamic: bool | None = None) -> nn.Module:
+    """`torch.compile(model, fullgraph=True, mode=mode, dynamic=dynamic)` for inference: the model is
+    put in eval mode with gradients off first (the block-sparse op has no backward). On a GPU,
+    `mode="reduce-overhead"` captures the forward in CUDA graphs."""
+    model.eval().requires_grad_(False)
+    return torch.compile(model, fullgraph=True, mode=mode, dynamic=dynamic)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +331,8 @@ def save_sparse(model: nn.Module, directory) -> str:
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    layers, fused = {}, []
+    layers, fused = {}, {}
+    state = model.state_dict()
     for name, module in model.named_modules():
         if isinstance(module, BlockSparseLinear):
             layers[name] = {
@@ -240,10 +341,12 @@ def save_sparse(model: nn.Module, directory) -> str:
                 "block_size": list(module.block_size),
                 "gelu": module.gelu,
             }
+            del state[f"{name}.weight"]  # the dense form of the state dict: store the tiles instead
+            state.update({f"{name}.{k}": getattr(module, k) for k in _BSR})
         elif isinstance(module, FusedActivation):
-            fused.append(name)
+            fused[name] = module.layer
     tensors, aliases, seen = {}, {}, {}
-    for key, t in model.state_dict().items():
+    for key, t in state.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
         if t.numel() and ident in seen:
             aliases[key] = seen[ident]
@@ -298,7 +401,7 @@ def load_sparse(directory, model: nn.Module | None = None, dense=False, backend=
             raise ValueError(
                 f"{name} in the checkpoint is a sparse linear layer but the model has {linear!r}"
             )
-        values, col_idx, row_ptr = (tensors.pop(f"{name}.{k}") for k in ("values", "col_idx", "row_ptr"))
+        values, col_idx, row_ptr = (tensors.pop(f"{name}.{k}") for k in _BSR)
         bias = tensors.pop(f"{name}.bias", None)
         if dense:
             with torch.no_grad():
@@ -311,10 +414,10 @@ def load_sparse(directory, model: nn.Module | None = None, dense=False, backend=
                 bias, backend=backend, gelu=info["gelu"],
             )  # fmt: skip
             _set(model, name, layer.to(device=linear.weight.device, dtype=linear.weight.dtype))
-    for name in meta["fused"]:
+    for name, layer_name in meta["fused"].items():
         tensors = {k: v for k, v in tensors.items() if not k.startswith(f"{name}.original.")}
         if not dense:
-            _set(model, name, FusedActivation(_get(model, name)))
+            _set(model, name, FusedActivation(_get(model, name), layer_name))
 
     sparse_prefixes = tuple(f"{n}." for n in meta["layers"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -1,5 +1,5 @@
-"""bsmm (Triton kernel, run by the interpreter on CPU) and its PyTorch fallback against dense F.linear
-on the masked weight."""
+"""The registered op torch.ops.rpp_triton.bsmm, the Triton kernel (run by the interpreter on CPU) and
+the PyTorch fallback against dense F.linear on the masked weight."""
 
 import functools
 from dataclasses import dataclass
@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from rpp_triton.backend import interpreting
-from rpp_triton.kernels.bsmm import bsmm, bsmm_cpu_plan, bsmm_ref, bsr_from_dense, bsr_to_dense
+from rpp_triton.kernels._compat import HAS_TRITON
+from rpp_triton.kernels.bsmm import (
+    bsmm,
+    bsmm_cpu_plan,
+    bsmm_ref,
+    bsr_from_dense,
+    bsr_to_dense,
+    uses_kernel,
+)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # The kernel on CPU tensors needs the interpreter; on a GPU machine the CUDA cases below cover it.
@@ -92,11 +100,52 @@ def case_id(c: Case) -> str:
     return f"x{list(c.lead)}-W{c.n_rows}x{c.n_cols}-{c.block[0]}x{c.block[1]}-{c.pattern}-{bias}{gelu}-{dt}"
 
 
-def run_case(case: Case, fn):
+def case_tensors(case: Case):
+    """(w, kept tiles, x, bias) of a case, on the CPU."""
     w, keep = make_weight(case, case.dtype)
     bh, bw = case.block
     x = torch.randn(*case.lead, case.n_cols * bw).to(case.dtype)
     b = torch.randn(case.n_rows * bh).to(case.dtype) if case.bias else None
+    return w, keep, x, b
+
+
+OP_CASES = [
+    Case((7,), 3, 2, (16, 16), "empty_rows"),
+    Case((2, 5), 2, 3, (16, 32), "random", bias=False, gelu=True),
+    Case((3,), 2, 2, (32, 16), "random", gelu=True, dtype=torch.bfloat16),
+]
+
+
+def opcheck_case(case: Case, backend: str, device: str):
+    w, _, x, b = case_tensors(case)
+    args = [t.to(device) if t is not None else None for t in (x, *bsr_from_dense(w, case.block), b)]
+    torch.library.opcheck(torch.ops.rpp_triton.bsmm.default, (*args, case.gelu, backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=on_cpu_kernel)])
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
+def test_opcheck(case, backend):
+    opcheck_case(case, backend, "cpu")
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("case", OP_CASES, ids=case_id)
+def test_opcheck_cuda(case, backend):
+    opcheck_case(case, backend, "cuda")
+
+
+def test_dispatch():
+    assert not uses_kernel("auto", "cpu", (32, 32))
+    assert not uses_kernel("torch", "cuda", (32, 32))
+    assert uses_kernel("auto", "cuda", (32, 32)) == HAS_TRITON
+    assert not uses_kernel("auto", "cuda", (16, 8))  # tiles the kernel does not take: PyTorch
+    assert uses_kernel("triton", "cuda", (16, 8)) == HAS_TRITON  # ... unless asked: the launcher refuses
+
+
+def run_case(case: Case, fn):
+    w, keep, x, b = case_tensors(case)
+    bh, _ = case.block
     values, col_idx, row_ptr = bsr_from_dense(w, case.block)
     assert values.shape[0] == int(keep.sum())
     y = fn(x, values, col_idx, row_ptr, b, gelu=case.gelu)

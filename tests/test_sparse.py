@@ -3,9 +3,10 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rpp_triton as rpp
-from rpp_triton.sparse import FusedActivation, load_sparse, save_sparse, tile_sparsity
+from rpp_triton.sparse import FusedActivation, choose_layers, load_sparse, save_sparse, tile_sparsity
 
 BACKENDS = ["torch", "triton"]
 # "triton" runs the kernel on the GPU where there is one, else in the interpreter on CPU tensors.
@@ -138,6 +139,103 @@ def test_tiny_bert_sparsified_equals_dense(backend):
         rpp.densify(model)
         assert not any(isinstance(m, (rpp.BlockSparseLinear, FusedActivation)) for m in model.modules())
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+
+
+def test_state_dict_is_dense_and_reloads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_bert("BertForMaskedLM")  # tied decoder / word embeddings
+    ids = torch.randint(0, 60, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    rpp.sparsify(model, block_size=16, min_sparsity=0.3)
+    state = model.state_dict()
+    assert state.keys() == dense_state.keys()
+    assert all(torch.equal(state[k], v) for k, v in dense_state.items())
+
+    # What save_pretrained writes, plain transformers loads with the same outputs.
+    model.save_pretrained(tmp_path / "hf")
+    plain, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not any(isinstance(m, rpp.BlockSparseLinear) for m in plain.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
+
+    # A dense state dict loads into a sparsified model: tiles re-packed, counts and all.
+    other = tiny_bert("BertForMaskedLM")
+    nn.init.normal_(other.bert.encoder.layer[0].attention.self.query.weight)  # no zero tile left
+    with torch.no_grad():
+        other_ref = other(input_ids=ids).logits
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert query.nnz_tiles == 2
+    model.load_state_dict(other.state_dict())
+    assert query.nnz_tiles == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, other_ref, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        query.load_state_dict({"weight": torch.zeros(32, 16), "bias": torch.zeros(32)})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        query.load_state_dict({"bias": torch.zeros(32)})
+
+
+def test_save_pretrained_base_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_bert()
+    ids = torch.randint(0, 60, (2, 7))
+    rpp.sparsify(model, block_size=16, min_sparsity=0.3)
+    model.save_pretrained(tmp_path)
+    plain = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        got, ref = plain(input_ids=ids), model(input_ids=ids)
+    torch.testing.assert_close(got.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.pooler_output, ref.pooler_output, atol=1e-5, rtol=1e-4)
+
+
+class OpCost(TorchDispatchMode):
+    """A deterministic clock: a dense product costs its multiply-adds, the block-sparse op twice those
+    of its stored tiles (so a layer is faster sparse exactly when more than half its tiles are zero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cost = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.rpp_triton.bsmm.default:
+            x, values = args[0], args[1]
+            self.cost += 2 * (x.numel() // x.shape[-1]) * values.numel()
+        elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            a, b = args[-2:]
+            self.cost += a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def fake_timer(fn):
+    with OpCost() as clock:
+        fn()
+    return clock.cost
+
+
+def test_choose_layers_keeps_sparse_only_where_faster():
+    model = tiny_bert()
+    for i, layer in enumerate(model.encoder.layer):  # layer 0: 75% zero tiles, layer 1: 25%
+        for lin in (m for m in layer.modules() if isinstance(m, nn.Linear)):
+            nn.init.normal_(lin.weight)
+            prune_tiles(lin.weight, (16, 16), 0.75 if i == 0 else 0.25)
+    ids = torch.randint(0, 60, (2, 9))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        ref = model(**example).last_hidden_state
+        rpp.sparsify(model, block_size=16)
+        report = choose_layers(model, example, timer=fake_timer)
+        assert len(report) == 13  # the encoder's 12 and the (unpruned) pooler
+        for name, row in report.items():
+            assert row["sparse"] == name.startswith("encoder.layer.0."), (name, row)
+            assert row["sparse"] == (row["sparse_s"] < row["dense_s"])
+        sparse = {n for n, m in model.named_modules() if isinstance(m, rpp.BlockSparseLinear)}
+        assert sparse == {n for n, row in report.items() if row["sparse"]}
+        fused = [type(layer.intermediate.intermediate_act_fn) for layer in model.encoder.layer]
+        assert fused[0] is FusedActivation and fused[1] is not FusedActivation  # GELU back where dense
+        torch.testing.assert_close(model(**example).last_hidden_state, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_save_load_round_trip(tmp_path):
