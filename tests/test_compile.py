@@ -4,7 +4,7 @@ Compiling takes tens of seconds on a CPU, so this file holds few tests."""
 
 import pytest
 import torch
-from test_sparse import tiny_bert
+from test_sparse import tiny_bert, tiny_bert_inputs
 
 import rpp_triton as rpp
 from rpp_triton.sparse import compile_sparse
@@ -14,10 +14,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 def sparse_bert(device):
     model = tiny_bert().to(device)
-    ids = torch.randint(0, 60, (2, 9), device=device)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    inputs = {"input_ids": ids, "attention_mask": mask}
+    inputs = tiny_bert_inputs(device)
     with torch.no_grad():
         ref = model(**inputs).last_hidden_state
     rpp.sparsify(model, block_size=16, min_sparsity=0.3)

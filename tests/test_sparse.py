@@ -120,25 +120,30 @@ def tiny_bert(cls_name="BertModel"):
     return model
 
 
+def tiny_bert_inputs(device="cpu"):
+    """Two sequences of 9 tokens, the second padded after 6."""
+    ids = torch.randint(0, 60, (2, 9), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tiny_bert_sparsified_equals_dense(backend):
     model = tiny_bert().to(DEVICE[backend])
-    ids = torch.randint(0, 60, (2, 9), device=DEVICE[backend])
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
+    inputs = tiny_bert_inputs(DEVICE[backend])
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = model(**inputs).last_hidden_state
         rpp.sparsify(model, block_size=16, min_sparsity=0.3, backend=backend)
         sparse_layers = [m for m in model.modules() if isinstance(m, rpp.BlockSparseLinear)]
         assert len(sparse_layers) == 12  # q, k, v, attention output, intermediate, output x 2 layers
         assert sum(m.gelu for m in sparse_layers) == 2
         assert all(isinstance(layer.intermediate.intermediate_act_fn, FusedActivation)
                    for layer in model.encoder.layer)  # fmt: skip
-        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model(**inputs).last_hidden_state, ref, atol=1e-5, rtol=1e-4)
         rpp.densify(model)
         assert not any(isinstance(m, (rpp.BlockSparseLinear, FusedActivation)) for m in model.modules())
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state, ref)
+        torch.testing.assert_close(model(**inputs).last_hidden_state, ref)
 
 
 def test_state_dict_is_dense_and_reloads(tmp_path):
@@ -221,8 +226,7 @@ def test_choose_layers_keeps_sparse_only_where_faster():
         for lin in (m for m in layer.modules() if isinstance(m, nn.Linear)):
             nn.init.normal_(lin.weight)
             prune_tiles(lin.weight, (16, 16), 0.75 if i == 0 else 0.25)
-    ids = torch.randint(0, 60, (2, 9))
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    example = tiny_bert_inputs()
     with torch.no_grad():
         ref = model(**example).last_hidden_state
         rpp.sparsify(model, block_size=16)
