@@ -38,6 +38,7 @@ def check_output_dir(out: str, overwrite: bool, resume: str | None) -> str:
     partial = out.rstrip(os.sep) + ".partial"
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"output path {out!r} is a file, not a directory")
+    _check_writable(os.path.dirname(os.path.abspath(partial)), out)
     if os.path.isdir(out) and os.listdir(out) and not (overwrite or resume):
         raise UsageError(f"output directory {out!r} holds another run; pass --overwrite to replace it")
     if os.path.isdir(partial) and os.listdir(partial) and not (overwrite or resume):
@@ -46,6 +47,20 @@ def check_output_dir(out: str, overwrite: bool, resume: str | None) -> str:
             "or --overwrite"
         )
     return partial
+
+
+def _check_writable(directory: str, out: str) -> None:
+    """The nearest existing folder above the output can take a new folder (tried, then removed)."""
+    import tempfile
+
+    while not os.path.exists(directory):
+        directory = os.path.dirname(directory)
+    if not os.path.isdir(directory):
+        raise UsageError(f"output path {out!r} is under {directory!r}, which is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=directory, prefix=".rpp-write-check-"))
+    except OSError as exc:
+        raise UsageError(f"cannot write the output under {directory!r}: {exc.strerror}") from None
 
 
 def start_partial(partial: str, resume: str | None) -> None:
@@ -157,8 +172,14 @@ def check_checkpoint(path: str) -> dict | None:
         )
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
-            json.load(f)
+            trainer_state = json.load(f)
+        if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("global_step"), int):
+            raise ValueError("trainer_state.json has no global_step")
         torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+        for name in sorted(os.listdir(path)):
+            if name.startswith("rng_state") and name.endswith(".pth"):
+                # The user's own checkpoint, which Trainer unpickles the same way on resume.
+                torch.load(os.path.join(path, name), map_location="cpu", weights_only=False)
         if weights[0].endswith(".safetensors"):
             from safetensors.torch import load_file
 
@@ -167,6 +188,8 @@ def check_checkpoint(path: str) -> dict | None:
         if os.path.isfile(os.path.join(path, CONTROLLER_FILE)):
             with open(os.path.join(path, CONTROLLER_FILE)) as f:
                 controller = json.load(f)
+            if not isinstance(controller, dict):
+                raise ValueError(f"{CONTROLLER_FILE} is not a JSON object")
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"checkpoint {path!r} is corrupt: {first}") from None

@@ -1,6 +1,7 @@
 """`prune`, `finetune` and `report` on bad input: one line on stderr, exit code 2, and nothing a
 previous run wrote is lost."""
 
+import json
 import os
 import sys
 
@@ -137,7 +138,18 @@ def checkpoint(files):
     return out / "checkpoint-4"
 
 
-@pytest.mark.parametrize("damage", ["truncated optimizer", "missing optimizer", "bad trainer state"])
+DAMAGES = [
+    "truncated optimizer",
+    "missing optimizer",
+    "bad trainer state",
+    "empty trainer state",
+    "truncated rng state",
+    "controller missing keys",
+    "controller wrong types",
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_corrupt_or_partial_checkpoint(files, checkpoint, tmp_path, capsys, damage):
     import shutil
 
@@ -148,16 +160,59 @@ def test_corrupt_or_partial_checkpoint(files, checkpoint, tmp_path, capsys, dama
         (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])
     elif damage == "missing optimizer":
         (ckpt / "optimizer.pt").unlink()
-    else:
+    elif damage == "bad trainer state":
         (ckpt / "trainer_state.json").write_text("{not json")
+    elif damage == "empty trainer state":
+        (ckpt / "trainer_state.json").write_text("{}")
+    elif damage == "truncated rng state":
+        data = (ckpt / "rng_state.pth").read_bytes()
+        (ckpt / "rng_state.pth").write_bytes(data[:100])
+    else:
+        state = json.loads((ckpt / "rpp_controller.json").read_text())
+        if damage == "controller missing keys":
+            del state["lam"]
+        else:
+            state["hard_pruned"] = "no"
+        (ckpt / "rpp_controller.json").write_text(json.dumps(state))
     argv = prune_argv(files, tmp_path / "o", *FAST, "--resume-from-checkpoint", str(ckpt))
     fails(argv, capsys, "checkpoint")
     assert not (tmp_path / "o").exists()
 
 
-def test_resume_with_different_settings(files, checkpoint, tmp_path, capsys):
-    argv = prune_argv(files, tmp_path / "o", *FAST, "--target-sparsity", "0.3", "--resume-from-checkpoint")
+@pytest.mark.parametrize("change", [("--target-sparsity", "0.3"), ("--seed", "7"), ("--lr", "0.001")])
+def test_resume_with_different_settings(files, checkpoint, tmp_path, capsys, change):
+    argv = prune_argv(files, tmp_path / "o", *FAST, *change, "--resume-from-checkpoint")
     fails([*argv, str(checkpoint)], capsys, "different settings")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--target-sparsity", "--temperature", "--reweight-eps", "--ramp"])
+def test_nan_flags_are_refused(files, tmp_path, capsys, flag):
+    fails(prune_argv(files, tmp_path / "o", *FAST, flag, "nan"), capsys, flag)
+    assert not (tmp_path / "o.partial").exists()
+
+
+def test_bad_prune_flags(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    fails(prune_argv(files, out, *FAST, "--logging-steps", "0"), capsys, "--logging-steps")
+    fails(prune_argv(files, out, *FAST, "--method", "oneshot", "--recovery-steps", "0"), capsys, "oneshot")
+    (tmp_path / "file").write_text("x")
+    fails(prune_argv(files, tmp_path / "file" / "o", *FAST), capsys, "which is a file")
+    fails(prune_argv(files, "/proc/rpp-out", *FAST), capsys, "cannot write")
+    assert not out.exists() and not out.with_suffix(".partial").exists()
+
+
+def test_teacher_that_does_not_fit(files, tmp_path, capsys):
+    from tiny_bert import write_tiny_bert as write
+
+    fails(
+        prune_argv(files, tmp_path / "o", *FAST, "--teacher", str(tmp_path / "none")),
+        capsys,
+        "does not exist",
+    )
+    wide = write(tmp_path / "wide", hidden_size=48)
+    fails(prune_argv(files, tmp_path / "o", *FAST, "--teacher", wide), capsys, "hidden size")
+    assert not (tmp_path / "o.partial").exists()
 
 
 def test_report_on_missing_or_empty_dir(tmp_path, capsys):

@@ -208,8 +208,8 @@ def test_gmp_follows_its_schedule(files, tmp_path):
 
 def test_resume_equals_uninterrupted(files, tmp_path):
     full = tmp_path / "full"
-    prune(files, full, "--save-steps", "12", "--keep-checkpoints", steps=30)
-    ckpt = full / "checkpoint-12"
+    prune(files, full, "--save-steps", "10", "--keep-checkpoints", steps=30)  # mid-epoch
+    ckpt = full / "checkpoint-10"
     assert (ckpt / "rpp_controller.json").is_file() and (ckpt / "optimizer.pt").is_file()
     resumed = tmp_path / "resumed"
     prune(files, resumed, "--resume-from-checkpoint", str(ckpt), steps=30)

@@ -13,8 +13,8 @@ WORDS = (
 ).split()
 
 
-def write_tiny_bert(path, seed: int = 0):
-    """Save a 2-layer BERT (hidden 32) with its tokenizer to `path`; returns `path` as str."""
+def write_tiny_bert(path, seed: int = 0, hidden_size: int = 32):
+    """Save a 2-layer BERT (hidden 32 unless said) with its tokenizer to `path`; returns `path` as str."""
     import torch
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
@@ -29,7 +29,7 @@ def write_tiny_bert(path, seed: int = 0):
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,

@@ -46,7 +46,8 @@ def mlm_blocks(tokenizer, texts: list[str], seq_len: int) -> list[dict]:
     """Tokenise, concatenate and cut into [CLS] ... [SEP] blocks of exactly `seq_len` tokens."""
     body = seq_len - 2
     ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    # Long texts are cut into blocks below, so the tokenizer's over-length warning does not apply.
+    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.extend(enc)
         ids.append(tokenizer.sep_token_id)
     blocks = []

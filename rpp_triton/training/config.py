@@ -7,7 +7,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields, replace
 
+import torch
+
+from rpp_triton.data.sources import DataOptions
+from rpp_triton.data.tasks import TASK_NAMES
 from rpp_triton.errors import UsageError
+from rpp_triton.qa.data import OFFLINE_TASK, QA_TASKS
 from rpp_triton.tiles import as_block
 
 BACKENDS = ("auto", "triton", "torch")
@@ -166,3 +171,151 @@ def from_namespace(cls, namespace, **overrides):
     """`cls` built from the attributes of an argparse namespace that name its fields."""
     values = {f.name: getattr(namespace, f.name) for f in fields(cls) if hasattr(namespace, f.name)}
     return cls(**{**values, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning and evaluation
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    """`TrainingArguments` passed straight through, under their transformers names."""
+
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.1
+    lr_scheduler_type: str = "linear"
+    report_to: tuple[str, ...] | None = None  # None: TensorBoard where it is installed
+    bf16: bool = False
+    fp16: bool = False
+
+    def __post_init__(self):
+        check_ints(self, ("gradient_accumulation_steps",), 1)
+        check_finite(self, ("warmup_ratio",), 0.0, 1.0, high_open=True)
+        if self.report_to is not None:
+            names = tuple(self.report_to)
+            object.__setattr__(self, "report_to", () if names in (("none",), ()) else names)
+        if self.bf16 and self.fp16:
+            raise UsageError("--bf16 and --fp16 are alternatives: pass one")
+        if self.fp16 and not torch.cuda.is_available():
+            raise UsageError("--fp16 needs a CUDA device and this machine has none; on the CPU use --bf16")
+
+    def trainer_kwargs(self) -> dict:
+        """The `TrainingArguments` keywords (warmup as a fraction of the steps, as transformers
+        reads a `warmup_steps` below 1)."""
+        kwargs = {
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "warmup_steps": self.warmup_ratio,
+            "lr_scheduler_type": self.lr_scheduler_type,
+            "bf16": self.bf16,
+            "fp16": self.fp16,
+        }
+        if self.report_to is not None:
+            kwargs["report_to"] = list(self.report_to)
+        return kwargs
+
+
+QA_ONLY = ("doc_stride", "max_answer_length", "null_threshold")
+NOT_QA = ("text_column", "text_pair_column", "label_column", "regression")
+# Input lengths when none is given: (offline pydoc task, any other), per task kind.
+MAX_LENGTH = {"classification": (64, 128), "question answering": (192, 384)}
+EPOCHS = {"classification": (2.0, 3.0), "question answering": (3.0, 2.0)}
+
+
+@dataclass(frozen=True)
+class TaskOptions(DataOptions):
+    """What `finetune` and `evaluate` share: the task and its data, the input length, the batch
+    size, and how question-answering contexts are windowed and answers read off."""
+
+    max_length: int | None = None
+    doc_stride: int | None = None
+    max_answer_length: int | None = None
+    null_threshold: float | None = None
+    batch_size: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.task is not None and self.task not in (*TASK_NAMES, *QA_TASKS):
+            known = ", ".join((*TASK_NAMES, *QA_TASKS))
+            raise UsageError(f"unknown task {self.task!r} (known: {known}; or pass --train-file)")
+        check_ints(self, ("max_length", "batch_size", "max_answer_length"), 1)
+        check_ints(self, ("doc_stride",), 0)
+        check_finite(self, ("null_threshold",))
+        names = NOT_QA if self.question_answering else QA_ONLY
+        wrong = [n for n in names if getattr(self, n) is not None and getattr(self, n) is not False]
+        if wrong:
+            raise UsageError(f"{flag(wrong[0])} does not apply to the task {self.task or 'pydoc-topics'}")
+        if self.question_answering and self.max_length is not None:
+            check_ints(self, ("max_length",), 16)  # room for a question and some context
+            if self.doc_stride is not None and self.doc_stride >= self.max_length // 2:
+                raise UsageError(f"--doc-stride must be below max-length / 2, got {self.doc_stride}")
+
+    @property
+    def question_answering(self) -> bool:
+        return self.task in QA_TASKS
+
+    @property
+    def kind(self) -> str:
+        return "question answering" if self.question_answering else "classification"
+
+    def _input_defaults(self, positions: int | None) -> dict:
+        """The input options left unset, for a model of `positions` positions (None: unknown)."""
+        if positions is not None and self.max_length is not None and self.max_length > positions:
+            raise UsageError(f"--max-length {self.max_length} is more than the model's {positions} positions")
+        length = self.max_length or MAX_LENGTH[self.kind][not self.offline_default]
+        length = min(length, positions or length)
+        if not self.question_answering:
+            return {"max_length": length}
+        return {
+            "max_length": length,
+            "doc_stride": length // 3 if self.doc_stride is None else self.doc_stride,
+            "max_answer_length": self.max_answer_length or 30,
+            "null_threshold": 0.0 if self.null_threshold is None else self.null_threshold,
+        }
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(RunConfig, TrainerOptions, TaskOptions):
+    """`rpp-triton finetune`: a task head trained on a (pruned) encoder with its masks frozen."""
+
+    model: str | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+
+    def __post_init__(self):
+        RunConfig.__post_init__(self)
+        TrainerOptions.__post_init__(self)
+        TaskOptions.__post_init__(self)
+        check_finite(self, ("lr", "epochs"), 0.0, low_open=True)
+        check_finite(self, ("weight_decay",), 0.0)
+        check_ints(self, ("max_steps",), 1)
+        if self.validation_file is not None and self.train_file is None:
+            raise UsageError("--validation-file needs --train-file for fine-tuning")
+
+    def resolved(self, positions: int | None = None) -> FinetuneConfig:
+        """A copy with the defaults that depend on the task and the model (`positions`) filled in;
+        a `max_length` beyond the model's positions is a UsageError."""
+        epochs = self.epochs or EPOCHS[self.kind][not self.offline_default]
+        return replace(self, epochs=epochs, **self._input_defaults(positions))
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(TaskOptions):
+    """`rpp-triton evaluate`: a saved question-answering model scored without training."""
+
+    model_dir: str = ""
+    task: str | None = OFFLINE_TASK
+    batch_size: int = 32
+    output: str | None = None
+
+    def __post_init__(self):
+        if self.task not in QA_TASKS:
+            raise UsageError(f"unknown question-answering task {self.task!r} (known: {', '.join(QA_TASKS)})")
+        if not self.model_dir:
+            raise UsageError("a model directory is required")
+        super().__post_init__()
+
+    def resolved(self, positions: int | None = None) -> EvaluateConfig:
+        """A copy with the input defaults for a model of `positions` positions filled in."""
+        return replace(self, **self._input_defaults(positions))

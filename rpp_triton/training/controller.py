@@ -60,8 +60,10 @@ class PruningController(_trainer_callback_base()):
         recovery_steps: int,
         ramp: float = 0.7,
         prune_by: str = "rms",
+        settings: dict | None = None,
     ):
         self.optimizer = optimizer
+        self.settings = dict(settings or {})  # run settings a resume must repeat (seed, lr, ...)
         self.target = float(target)
         self.block = as_block(block_size)
         self.dense_steps, self.prune_steps, self.recovery_steps = dense_steps, prune_steps, recovery_steps
@@ -170,6 +172,7 @@ class PruningController(_trainer_callback_base()):
             "dense_steps": self.dense_steps,
             "prune_steps": self.prune_steps,
             "recovery_steps": self.recovery_steps,
+            **self.settings,
         }
 
     _STATE = {
@@ -195,7 +198,7 @@ class PruningController(_trainer_callback_base()):
             diff = [k for k in self.config() if state["config"].get(k) != self.config()[k]]
             raise UsageError(
                 f"checkpoint was made with different settings ({', '.join(diff)}); resume with the same "
-                "--method, --target-sparsity, --block-size and step counts"
+                "--method, --target-sparsity, --block-size, step counts, seed and learning rate"
             )
         for key in self._STATE:
             setattr(self, key, state[key])

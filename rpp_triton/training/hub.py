@@ -33,16 +33,23 @@ def resolve_model(name: str | None) -> tuple[str, bool]:
     return name, False
 
 
-def load_pretrained(loader, name: str, **kwargs):
-    """`loader.from_pretrained` with one-line errors (hub names that cannot be reached included)."""
+def load_pretrained(loader, name: str, quiet: bool = False, **kwargs):
+    """`loader.from_pretrained` with one-line errors (hub names that cannot be reached included).
+    `quiet` silences transformers' report of missing and unexpected keys, for callers that ask for
+    `output_loading_info` and say in one line what the missing keys mean."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # the loading bar would split a one-line error
+    level = logging.get_verbosity()
+    if quiet:
+        logging.set_verbosity_error()
     try:
         return loader.from_pretrained(name, **kwargs)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"cannot load {name!r}: {first}") from None
+    finally:
+        logging.set_verbosity(level)
 
 
 def max_positions(model_name: str, default: int) -> int:

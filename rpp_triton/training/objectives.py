@@ -43,11 +43,14 @@ class Objective:
     `mlm+distill`. `student` is the model being trained (a `*ForMaskedLM` when the objective
     has masked LM), `teacher` a frozen model or None."""
 
-    def __init__(self, name: str, student, teacher=None, temperature: float = 2.0):
+    def __init__(
+        self, name: str, student, teacher=None, temperature: float = 2.0, tokenizer=None, mlm_probability=0.15
+    ):
         if name not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {name!r}")
         self.name = name
         self.mlm = "mlm" in name
+        self.tokenizer, self.mlm_probability = tokenizer, mlm_probability
         self.teacher = teacher if "distill" in name else None
         self.temperature = temperature
         self.student_head = self._hook(student) if self.mlm else None
@@ -110,6 +113,19 @@ class Objective:
                 reduction="batchmean",
             ) * (T * T)
         return parts
+
+    def mask(self, inputs: dict, seed: int) -> dict:
+        """BERT's masking of a training batch that has no labels yet, drawn from its own generator
+        seeded by `seed`: a resumed run masks each step exactly as the uninterrupted one did,
+        whatever the global random state was when the batch was collated."""
+        from rpp_triton.data.text import mask_tokens
+
+        if not self.mlm or "labels" in inputs:
+            return inputs
+        ids = inputs["input_ids"]
+        generator = torch.Generator().manual_seed(seed)
+        masked, labels = mask_tokens(ids.cpu(), self.tokenizer, self.mlm_probability, generator)
+        return {**inputs, "input_ids": masked.to(ids.device), "labels": labels.to(ids.device)}
 
     def loss(self, model, inputs) -> torch.Tensor:
         parts = self.parts(model, inputs)

@@ -7,6 +7,7 @@ rank holds the teacher, only rank 0 writes) and publishes its output directory a
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -27,6 +28,7 @@ DENSE_PROTOCOL = {
     "distill": "the starting model (the teacher), untouched",
 }
 FIDELITY_PASSAGES = 128
+log = logging.getLogger("rpp_triton.prune")
 
 
 def _load_student(cfg: PruneConfig, model_name: str):
@@ -36,12 +38,31 @@ def _load_student(cfg: PruneConfig, model_name: str):
     from transformers import AutoModelForMaskedLM, set_seed
 
     set_seed(cfg.seed)  # a fresh head starts the same in every run
-    model, info = load_pretrained(AutoModelForMaskedLM, model_name, output_loading_info=True)
+    model, info = load_pretrained(AutoModelForMaskedLM, model_name, quiet=True, output_loading_info=True)
     prefix = model.base_model_prefix + "."
     head_new = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(prefix))
+    missing = [k for k in info.get("missing_keys", ()) if k.startswith(prefix)]
+    if missing:
+        log.warning(
+            "%s: %d encoder weights missing from the checkpoint, e.g. %s",
+            model_name,
+            len(missing),
+            missing[0],
+        )
     objective = cfg.objective or ("distill" if head_new else "mlm+distill")
     if objective == "distill":
+        if head_new and cfg.objective is None:
+            log.warning(
+                "the model has no masked-LM head: pruning the encoder by distillation from the dense model"
+            )
         return model.base_model, objective, [], False
+    if head_new:
+        log.warning(
+            "the model has no masked-LM head: a fresh one is initialised and trained at %gx the "
+            "learning rate%s",
+            cfg.head_lr_scale,
+            "; its logits are not distilled" if "distill" in objective else "",
+        )
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     return model, objective, head_new, out_emb is not None and out_emb.weight is in_emb.weight
 
@@ -53,7 +74,7 @@ def _load_teacher(cfg: PruneConfig, model_name: str, student, tokenizer, want_he
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     name = resolve_model(cfg.teacher)[0] if cfg.teacher else model_name
-    teacher, info = load_pretrained(AutoModelForMaskedLM, name, output_loading_info=True)
+    teacher, info = load_pretrained(AutoModelForMaskedLM, name, quiet=True, output_loading_info=True)
     prefix = teacher.base_model_prefix + "."
     if not want_head or any(not k.startswith(prefix) for k in info.get("missing_keys", ())):
         teacher = teacher.base_model
@@ -112,8 +133,19 @@ class _Run:
     """One Trainer run writing to `out`: the student, the optimizer, the method's controller and
     the objective. `method=None` trains densely (the same-budget reference)."""
 
-    def __init__(self, cfg: PruneConfig, student, data, out, steps, method, teacher, checkpoints=True):
-        from transformers import DataCollatorForLanguageModeling, default_data_collator
+    def __init__(
+        self,
+        cfg: PruneConfig,
+        student,
+        data,
+        out,
+        steps,
+        method,
+        teacher,
+        checkpoints=True,
+        resume_state=None,
+    ):
+        from transformers import default_data_collator
 
         tokenizer, train_blocks, eval_blocks = data
         self.model, self.objective_name, self.head_new, self.tied = student
@@ -135,8 +167,11 @@ class _Run:
             recovery_steps,
             ramp=cfg.ramp,
             prune_by=cfg.prune_by,
+            settings={"seed": cfg.seed, "lr": cfg.lr, "objective": self.objective_name, "ramp": cfg.ramp},
             **kwargs,
         )
+        if resume_state is not None:  # before the Trainer, which creates `out`
+            self.controller.load_state_dict(resume_state)
         total = sum(steps)
         targs = training_arguments(
             out,
@@ -153,26 +188,22 @@ class _Run:
             seed=cfg.seed,
             eval_strategy="no",
         )
-        masked = "mlm" in self.objective_name
-        collator = (
-            DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability)
-            if masked
-            else default_data_collator
-        )
-        if not masked:
+        if "mlm" not in self.objective_name:
             eval_blocks = [{k: v for k, v in b.items() if k != "labels"} for b in eval_blocks]
         self.trainer = make_trainer_class()(
             model=self.model,
             args=targs,
             train_dataset=train_blocks,
             eval_dataset=eval_blocks,
-            data_collator=collator,
+            data_collator=default_data_collator,  # masking happens per step (Objective.mask)
             processing_class=tokenizer,
             optimizers=(self.optimizer, None),
             callbacks=[self.controller],
         )
         self.trainer.controller = self.controller
-        self.trainer.objective = Objective(self.objective_name, self.model, teacher, cfg.temperature)
+        self.trainer.objective = Objective(
+            self.objective_name, self.model, teacher, cfg.temperature, tokenizer, cfg.mlm_probability
+        )
 
 
 def _read_text(cfg: PruneConfig, tokenizer, model_name: str):
@@ -235,10 +266,8 @@ def prune(config: PruneConfig) -> dict:
         reference = load_pretrained(AutoModel, model_name).eval()
     # Before the Trainer exists: loading and embedding must not move the RNG its run starts from.
     probe = QualityProbe(tokenizer, held_text[:FIDELITY_PASSAGES], reference)
-    run = _Run(cfg, student, data, partial, steps, cfg.method, teacher)
+    run = _Run(cfg, student, data, partial, steps, cfg.method, teacher, resume_state=controller_state)
     trainer, controller = run.trainer, run.controller
-    if controller_state is not None:
-        controller.load_state_dict(controller_state)
 
     A.start_partial(partial, cfg.resume_from_checkpoint)
     same_budget = "mlm" in objective and cfg.target_sparsity > 0 and cfg.dense_reference == "same-budget"

@@ -76,7 +76,14 @@ def make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.objective is None or return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            return self.objective.loss(model, inputs)
+            return self.objective.loss(model, self.objective.mask(inputs, self._mask_seed()))
+
+        def _mask_seed(self) -> int:
+            """A seed per (run seed, step, rank, micro-batch), the same after a resume."""
+            step = self.state.global_step
+            self._micro = self._micro + 1 if getattr(self, "_micro_step", None) == step else 0
+            self._micro_step = step
+            return hash((self.args.seed, step, self.args.process_index, self._micro)) & (2**63 - 1)
 
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             if self.objective is None:
