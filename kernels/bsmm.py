@@ -33,7 +33,8 @@ block-row's tiles laid side by side ([k*bw, bh]), writing straight into y's colu
 bias is added once at the end. Each GEMM then has k*bw as its depth, instead of k separate bw-deep
 products. Above `dense_above` (default 0.6) of the tiles stored, the plan is the dense weight and
 the fallback calls F.linear (at 50% zero tiles the gather path still measured ~2x ahead on a quiet
-machine; the exact crossover was not pinned down).
+machine, and ~1x at x[2048, in] on a busy one: `rpp_triton.sparse.choose_layers` measures where
+sparse pays per layer). The registered op (part 4) keeps each weight's plan between calls.
 """
 
 import math
