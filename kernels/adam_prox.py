@@ -1,11 +1,11 @@
-"""Fused RPP optimizer step: AdamW update + reweighted proximal thresholding + mask, one pass.
+"""Fused RPP optimizer step: AdamW (or LAMB) update + reweighted proximal thresholding + mask.
 
 Part 1 (`*_ref`) is the readable statement of the maths in docs/design.md. It is the PyTorch fallback
 (compiled with torch.compile on the CPU) and the oracle the Triton kernel is tested against, so
 the two cannot drift apart.
 
 Part 2 (`_adam_prox_kernel`) reads p, g, m, v (and alpha, or the frozen mask) once and writes p,
-m, v (and alpha on reweight steps) once. Variants are constexpr flags (MODE, REWEIGHT).
+m, v (and alpha on reweight steps) once. Variants are constexpr flags (MODE, REWEIGHT, TRUST).
 
 Multi-tensor scheme: offset tables. A BERT has ~200 parameter tensors; one launch per tensor
 would cost ~200 launches a step. Instead each launch takes, per kind of tensor (p, g, m, v, alpha),
@@ -19,6 +19,15 @@ rebuilt when a parameter is reallocated (the plan is keyed on data pointers).
 
 Tiles: in tiled mode a program owns NT whole tiles of one tile-row (a [BH, NT, BW] block), so the
 tile norms, the scaling and the reweighting happen in the same pass as the Adam update.
+
+LAMB (`lamb=True`): the update of each tensor is scaled by its trust ratio ||p|| / ||r||, which
+needs the whole tensor before any element can be written, so it takes two passes over memory.
+Pass 1 (`_lamb_norms_kernel`, the same multi-tensor tables) reads p, g, m, v and writes per-program
+partial sums of p^2 and r^2; `_lamb_trust_kernel` adds each tensor's partials in a fixed order
+(reproducible, no atomics) into its ratio; pass 2 is `_adam_prox_kernel` with TRUST, recomputing
+the moments rather than storing them in pass 1 (which would save nothing: pass 2 would still read g
+to know which elements to skip). Bytes per element with fp32 gradients: 16 + 28 = 44, against
+AdamW's 28 (1.57x); plus alpha or the mask in the pruned modes, as for AdamW.
 """
 
 import math
@@ -64,17 +73,35 @@ def adam_scalars(lr: float, beta1: float, beta2: float, step: int) -> tuple[floa
     return lr / (1.0 - beta1**step), 1.0 / math.sqrt(1.0 - beta2**step)
 
 
-def adamw_ref(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step_size, inv_sqrt_bias2):
+def adam_moments_ref(g, m, v, *, beta1, beta2):
+    """Adam's moments after gradient g, in fp32: (m, v), new tensors."""
+    g = g.float()
+    return beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+
+
+def adamw_ref(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step_size, inv_sqrt_bias2, trust=1.0):
     """One AdamW update in fp32; returns (z, m, v) without touching the inputs.
 
-    z = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p) with m_hat = m / (1 - beta1**t),
-    v_hat = v / (1 - beta2**t), written with `adam_scalars` so each element costs one sqrt and one
-    division (three divisions made the CPU step compute-bound)."""
-    g = g.float()
-    m = beta1 * m + (1 - beta1) * g
-    v = beta2 * v + (1 - beta2) * g * g
+    z = p - lr * trust * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p) with m_hat = m / (1 -
+    beta1**t), v_hat = v / (1 - beta2**t), written with `adam_scalars` so each element costs one sqrt
+    and one division (three divisions made the CPU step compute-bound). `trust` is 1 for AdamW and
+    `lamb_trust_ref` for LAMB."""
+    step_size, lr = step_size * trust, lr * trust
+    m, v = adam_moments_ref(g, m, v, beta1=beta1, beta2=beta2)
     z = p - step_size * m / (v.sqrt() * inv_sqrt_bias2 + eps) - (lr * weight_decay) * p
     return z, m, v
+
+
+def lamb_trust_ref(p, g, m, v, *, beta1, beta2, eps, weight_decay, inv_bias1, inv_sqrt_bias2):
+    """LAMB's trust ratio for one tensor, a 0-d fp32 tensor (no host sync): ||p|| / ||r|| where both
+    norms are > 0, else 1, with r = m_hat / (sqrt(v_hat) + eps) + weight_decay * p from the moments
+    after g (`inv_bias1` = 1 / (1 - beta1**t)). Elements whose gradient is NaN or Inf skip the update,
+    so they count as r = 0."""
+    m, v = adam_moments_ref(g, m, v, beta1=beta1, beta2=beta2)
+    r = inv_bias1 * m / (v.sqrt() * inv_sqrt_bias2 + eps) + weight_decay * p
+    r = torch.where(g.isfinite(), r, 0.0)
+    p_norm, r_norm = torch.linalg.vector_norm(p.float()), torch.linalg.vector_norm(r)
+    return torch.where((p_norm > 0) & (r_norm > 0), p_norm / r_norm, 1.0)
 
 
 def adamw_step_ref(
@@ -91,6 +118,7 @@ def adamw_step_ref(
     beta2,
     eps,
     weight_decay,
+    trust=1.0,
     soft_tau=None,
     reweight_eps=1e-3,
     reweight=False,
@@ -112,6 +140,7 @@ def adamw_step_ref(
         weight_decay=weight_decay,
         step_size=step_size,
         inv_sqrt_bias2=inv_sqrt_bias2,
+        trust=trust,
     )
     bad = g.isfinite().logical_not()
     if soft_tau is not None:
@@ -159,12 +188,14 @@ def rpp_step_ref(
     prune: bool = True,
     frozen: bool = False,
     reweight: bool = False,
+    trust: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """One RPP step for one parameter, in place on p, m, v (and alpha on reweight steps).
 
     `step_size, inv_sqrt_bias2 = adam_scalars(lr, beta1, beta2, t)` with t the parameter's step count.
-    z = AdamW(p);  not pruned: p = z;  frozen: p = z * mask;  otherwise p = prox(z, lr *
-    rpp_lambda * alpha) per tile and, on reweight steps, alpha = 1 / (rms(p_B) + reweight_eps).
+    z = AdamW(p) with its update scaled by `trust` (LAMB's `lamb_trust_ref`; 1 for AdamW);
+    not pruned: p = z;  frozen: p = z * mask;  otherwise p = prox(z, lr * rpp_lambda * alpha) per
+    tile and, on reweight steps, alpha = 1 / (rms(p_B) + reweight_eps).
     Elements with a NaN or Inf gradient skip the Adam update (their z is the old p); returns how
     many, as a 0-d int64 tensor.
     """
@@ -176,6 +207,7 @@ def rpp_step_ref(
         beta2=beta2,
         eps=eps,
         weight_decay=weight_decay,
+        trust=trust,
     )
     pruning = prune and not frozen
     if pruning and block == (1, 1):
@@ -238,6 +270,69 @@ def _adam_moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, inb, beta1, beta2):
 
 
 @triton.jit
+def _lamb_norms_kernel(
+    p_base_ptr,
+    g_base_ptr,
+    m_base_ptr,
+    v_base_ptr,
+    p_tab_ptr,
+    g_tab_ptr,
+    m_tab_ptr,
+    v_tab_ptr,
+    numel_ptr,
+    work_tensor_ptr,
+    work_start_ptr,
+    p_sq_ptr,  # per program: sum of p^2 over its elements
+    r_sq_ptr,  # per program: sum of r^2
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    inv_bias1,
+    inv_sqrt_bias2,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """LAMB pass 1: partial sums of p^2 and r^2, r = m_hat / (sqrt(v_hat) + eps) + weight_decay * p."""
+    pid = tl.program_id(0)
+    t = tl.load(work_tensor_ptr + pid)
+    offs, inb = _element_range(work_start_ptr, numel_ptr, pid, t, BLOCK, ALIGNED)
+    p, _, _, m_new, v_new, ok = _adam_moments(
+        p_base_ptr + _per_tensor(p_tab_ptr, t, ALIGNED),
+        g_base_ptr + _per_tensor(g_tab_ptr, t, ALIGNED),
+        m_base_ptr + _per_tensor(m_tab_ptr, t, ALIGNED),
+        v_base_ptr + _per_tensor(v_tab_ptr, t, ALIGNED),
+        offs,
+        inb,
+        beta1,
+        beta2,
+    )
+    r = inv_bias1 * m_new / (tl.sqrt(v_new) * inv_sqrt_bias2 + eps) + weight_decay * p
+    r = tl.where(ok, r, 0.0)  # out of bounds, p = g = m = v = 0 and so r = 0
+    tl.store(p_sq_ptr + pid, tl.sum(p * p))
+    tl.store(r_sq_ptr + pid, tl.sum(r * r))
+
+
+@triton.jit
+def _lamb_trust_kernel(p_sq_ptr, r_sq_ptr, first_ptr, trust_ptr, BLOCK: tl.constexpr):
+    """Tensor t's trust ratio ||p|| / ||r|| (1 unless both > 0) from its programs' partial sums,
+    in a fixed order, so a step is reproducible bit for bit."""
+    t = tl.program_id(0)
+    lo = tl.load(first_ptr + t)
+    hi = tl.load(first_ptr + t + 1)
+    p_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    r_acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        p_acc += tl.load(p_sq_ptr + i, mask=i < hi, other=0.0)
+        r_acc += tl.load(r_sq_ptr + i, mask=i < hi, other=0.0)
+    p_norm = tl.sqrt(tl.sum(p_acc))
+    r_norm = tl.sqrt(tl.sum(r_acc))
+    both = (p_norm > 0) & (r_norm > 0)
+    tl.store(trust_ptr + t, tl.where(both, p_norm / tl.where(both, r_norm, 1.0), 1.0))
+
+
+@triton.jit
 def _adam_prox_kernel(
     p_base_ptr,  # the first tensor of each kind; the others are reached by element offsets from it
     g_base_ptr,
@@ -255,6 +350,7 @@ def _adam_prox_kernel(
     work_tensor_ptr,
     work_start_ptr,
     nnz_ptr,  # per program: non-zeros written (pruned modes)
+    trust_ptr,  # per tensor: LAMB's trust ratio (TRUST)
     lr,
     beta1,
     beta2,
@@ -267,6 +363,7 @@ def _adam_prox_kernel(
     MODE: tl.constexpr,
     ALIGNED: tl.constexpr,
     REWEIGHT: tl.constexpr,
+    TRUST: tl.constexpr,
     BLOCK: tl.constexpr,
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
@@ -308,6 +405,10 @@ def _adam_prox_kernel(
         offs, inb = _element_range(work_start_ptr, numel_ptr, pid, t, BLOCK, ALIGNED)
 
     p, m, v, m_new, v_new, ok = _adam_moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, inb, beta1, beta2)
+    if TRUST:
+        trust = tl.load(trust_ptr + t)
+        step_size = step_size * trust
+        lr = lr * trust
     z = p - step_size * m_new / (tl.sqrt(v_new) * inv_sqrt_bias2 + eps) - (lr * weight_decay) * p
     # NaN or Inf in g: keep the element as it was (z = p, moments unchanged) and count it.
     z = tl.where(ok, z, p)
@@ -357,6 +458,7 @@ _TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float1
 # BERT-base weights (fused AdamW 0.94 ms): tiles ran best with 2048 elements and 8 warps (0.85 ms),
 # elementwise modes with 1024 and 8 (1.08 ms); 8192 elements spilled registers (4-15 ms).
 _DEFAULT_ELEMENTS = {"tiles": 2048, "elementwise": 1024}
+_TRUST_BLOCK = 1024  # partial sums a LAMB trust program adds per iteration
 
 
 @dataclass
@@ -371,10 +473,43 @@ class AdamProxPlan:
     nnz: torch.Tensor  # per program, written by each launch (pruned modes)
     meta: dict
     grad_key: tuple  # gradient addresses in tables["g"]; gradients move more often than weights
+    lamb: dict | None = None  # LAMB's pass 1: work tables, partial sums, trust ratios, meta
 
 
 def _pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(n)))
+
+
+def _element_work(params, elements: int) -> tuple[list, list, list]:
+    """Programs of `elements` consecutive elements: tensor index, first element, and each tensor's
+    first program (n + 1 entries)."""
+    work_tensor, work_start, first = [], [], [0]
+    for i, p in enumerate(params):
+        for s in range(0, p.numel(), elements):
+            work_tensor.append(i)
+            work_start.append(s)
+        first.append(len(work_tensor))
+    return work_tensor, work_start, first
+
+
+def _tile_work(params, block: Block, nt: int) -> tuple[list, list]:
+    """Programs of `nt` whole tiles of one tile-row: tensor index and first tile (row-major)."""
+    bh, bw = block
+    work_tensor, work_start = [], []
+    for i, p in enumerate(params):
+        rows, cols = p.shape[0] // bh, p.shape[1] // bw
+        for r in range(rows):
+            for c in range(0, cols, nt):
+                work_tensor.append(i)
+                work_start.append(r * cols + c)
+    return work_tensor, work_start
+
+
+def _work_tables(work_tensor, work_start, device) -> dict:
+    return dict(
+        work_tensor=torch.tensor(work_tensor, dtype=torch.int32, device=device),
+        work_start=torch.tensor(work_start, dtype=torch.int64, device=device),
+    )
 
 
 def make_plan(
@@ -388,34 +523,27 @@ def make_plan(
     mode: int,
     block: Block,
     elements_per_program: int | None = None,
+    lamb: bool = False,
 ) -> AdamProxPlan:
     """Build the pointer and work tables for `adam_prox` (host work, done once per tensor set)."""
     device = params[0].device
-    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block, elements_per_program)
-    work_tensor, work_start = [], []
+    key = _plan_key(
+        params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block, elements_per_program, lamb
+    )
+    elements = elements_per_program or _DEFAULT_ELEMENTS["elementwise"]
+    element_work = _element_work(params, elements)
     if mode == MODE_TILES:
         bh, bw = block
         BH, BW = _pow2(bh), _pow2(bw)
         # NT whole tiles of one tile-row per program: ~elements_per_program elements, no wider than a row.
         widest = max(p.shape[1] // bw for p in params)
-        elements = elements_per_program or _DEFAULT_ELEMENTS["tiles"]
-        NT = min(max(1, elements // (BH * BW)), _pow2(widest))
+        NT = min(max(1, (elements_per_program or _DEFAULT_ELEMENTS["tiles"]) // (BH * BW)), _pow2(widest))
         meta = dict(BLOCK=1, TILE_H=bh, TILE_W=bw, BH=BH, BW=BW, NT=NT)
-        for i, p in enumerate(params):
-            rows, cols = p.shape[0] // bh, p.shape[1] // bw
-            for r in range(rows):
-                for c in range(0, cols, NT):
-                    work_tensor.append(i)
-                    work_start.append(r * cols + c)
+        tables = _work_tables(*_tile_work(params, block, NT), device)
     else:
-        block_elems = elements_per_program or _DEFAULT_ELEMENTS["elementwise"]
-        meta = dict(BLOCK=block_elems, TILE_H=1, TILE_W=1, BH=1, BW=1, NT=1)
-        for i, p in enumerate(params):
-            for s in range(0, p.numel(), block_elems):
-                work_tensor.append(i)
-                work_start.append(s)
-
-    tables = dict(
+        meta = dict(BLOCK=elements, TILE_H=1, TILE_W=1, BH=1, BW=1, NT=1)
+        tables = _work_tables(*element_work[:2], device)
+    tables.update(
         p=_offset_table(params, device),
         g=_offset_table(grads, device),
         m=_offset_table(exp_avgs, device),
@@ -424,22 +552,34 @@ def make_plan(
         bad=_address_table(counters, device),
         numel=torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device),
         cols=torch.tensor([p.shape[-1] if p.dim() else 1 for p in params], dtype=torch.int64, device=device),
-        work_tensor=torch.tensor(work_tensor, dtype=torch.int32, device=device),
-        work_start=torch.tensor(work_start, dtype=torch.int64, device=device),
     )
-    nnz = torch.zeros(len(work_tensor), dtype=torch.int32, device=device)
+    n_programs = len(tables["work_tensor"])
+    nnz = torch.zeros(n_programs, dtype=torch.int32, device=device)
     grad_key = tuple(g.data_ptr() for g in grads)
-    meta["ALIGNED"] = _aligned((params, grads, exp_avgs, exp_avg_sqs, auxes), params, mode)
-    return AdamProxPlan(key, mode, block, tables, len(work_tensor), nnz, meta, grad_key)
+    plan = AdamProxPlan(key, mode, block, tables, n_programs, nnz, meta, grad_key)
+    if lamb:
+        # Elementwise modes share the work tables; tiles get elementwise ones for pass 1.
+        work = tables if mode != MODE_TILES else _work_tables(*element_work[:2], device)
+        n_norm = len(element_work[0])
+        plan.lamb = dict(
+            work_tensor=work["work_tensor"],
+            work_start=work["work_start"],
+            first=torch.tensor(element_work[2], dtype=torch.int64, device=device),
+            sums=torch.empty(2, n_norm, dtype=torch.float32, device=device),
+            trust=torch.empty(len(params), dtype=torch.float32, device=device),
+            meta=dict(BLOCK=elements),
+        )
+    _set_aligned(plan, (params, grads, exp_avgs, exp_avg_sqs, auxes), params)
+    return plan
 
 
-def _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block, elements_per_program):
+def _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, *options):
     ptrs = tuple(
         t.data_ptr() if t is not None else 0
         for ts in (params, exp_avgs, exp_avg_sqs, auxes, counters)
         for t in ts
     )
-    return (mode, block, elements_per_program, tuple(g.dtype for g in grads), ptrs)
+    return (*options, tuple(g.dtype for g in grads), ptrs)
 
 
 def _to_device(values: list[int], device) -> torch.Tensor:
@@ -471,13 +611,17 @@ def _offset_table(tensors, device) -> torch.Tensor:
     return _to_device(offsets, device)
 
 
-def _aligned(tensor_lists, params, mode) -> bool:
-    """True when every tensor starts on 16 bytes and rows (tiles) or sizes (elementwise) keep the
-    loads aligned: then the kernel may promise the compiler 16-byte-aligned, vectorisable access."""
+def _set_aligned(plan: AdamProxPlan, tensor_lists, params) -> None:
+    """Set each pass's ALIGNED: every tensor starts on 16 bytes and rows (tiles) or sizes
+    (elementwise) keep the loads aligned, so the kernel may promise vectorisable access."""
     ptrs_ok = all(t.data_ptr() % 16 == 0 for ts in tensor_lists for t in ts if t is not None)
-    if mode == MODE_TILES:
-        return ptrs_ok and all(p.shape[1] % 4 == 0 for p in params)
-    return ptrs_ok and all(p.numel() % 16 == 0 for p in params)
+    sizes_ok = ptrs_ok and all(p.numel() % 16 == 0 for p in params)
+    if plan.mode == MODE_TILES:
+        plan.meta["ALIGNED"] = ptrs_ok and all(p.shape[1] % 4 == 0 for p in params)
+    else:
+        plan.meta["ALIGNED"] = sizes_ok
+    if plan.lamb:
+        plan.lamb["meta"]["ALIGNED"] = sizes_ok
 
 
 def adam_prox(
@@ -500,13 +644,17 @@ def adam_prox(
     mode: int = MODE_ADAMW,
     block: Block = (1, 1),
     reweight: bool = False,
+    lamb: bool = False,
+    inv_bias1: float | None = None,
     plan: AdamProxPlan | None = None,
     elements_per_program: int | None = None,
     num_warps: int = 8,
 ) -> AdamProxPlan:
     """One fused RPP step over many tensors in one launch (per gradient dtype), in place.
 
-    z = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), then by `mode`:
+    z = p - lr * trust * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), with trust = 1, or with
+    `lamb` LAMB's per-tensor ratio (`lamb_trust_ref`; needs `inv_bias1` = 1 / (1 - beta1**t)),
+    computed by two more launches before the update. Then by `mode`:
     MODE_ADAMW p = z; MODE_FROZEN p = z * mask (`auxes` are uint8/bool masks); MODE_SOFT p =
     soft_threshold(z, lr * rpp_lambda * alpha) elementwise; MODE_TILES p_B = z_B * max(0, 1 - tau_B
     / rms(z_B)) per tile of `block`. On `reweight`, alpha = 1 / (rms(p_B) + reweight_eps).
@@ -533,7 +681,10 @@ def adam_prox(
             raise ValueError(f"adam_prox: shape mismatch for a parameter of shape {tuple(p.shape)}")
     if len({g.dtype for g in grads}) != 1:
         raise ValueError("adam_prox: one launch takes one gradient dtype")
-    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, mode, block, elements_per_program)
+    if lamb and inv_bias1 is None:
+        raise ValueError("adam_prox: lamb=True needs inv_bias1 = 1 / (1 - beta1**t)")
+    options = (mode, block, elements_per_program, lamb)
+    key = _plan_key(params, grads, exp_avgs, exp_avg_sqs, auxes, counters, *options)
     if plan is None or plan.key != key:
         plan = make_plan(
             params,
@@ -545,14 +696,27 @@ def adam_prox(
             mode=mode,
             block=block,
             elements_per_program=elements_per_program,
+            lamb=lamb,
         )
     grad_key = tuple(g.data_ptr() for g in grads)
     if grad_key != plan.grad_key:
         # zero_grad(set_to_none=True) may hand out new gradient buffers: refresh their offsets only.
         plan.tables["g"] = _offset_table(grads, params[0].device)
         plan.grad_key = grad_key
-        plan.meta["ALIGNED"] = _aligned((params, grads, exp_avgs, exp_avg_sqs, auxes), params, mode)
+        _set_aligned(plan, (params, grads, exp_avgs, exp_avg_sqs, auxes), params)
     tb = plan.tables
+    warps = num_warps if params[0].is_cuda else 1
+    trust = params[0]  # a placeholder pointer: without `lamb` the kernel never reads it
+    if lamb:
+        norms = plan.lamb
+        p_sq, r_sq = norms["sums"]
+        _lamb_norms_kernel[(len(norms["work_tensor"]),)](
+            params[0], grads[0], exp_avgs[0], exp_avg_sqs[0], tb["p"], tb["g"], tb["m"], tb["v"],
+            tb["numel"], norms["work_tensor"], norms["work_start"], p_sq, r_sq, beta1, beta2, eps,
+            weight_decay, inv_bias1, inv_sqrt_bias2, num_warps=warps, **norms["meta"],
+        )  # fmt: skip
+        trust = norms["trust"]
+        _lamb_trust_kernel[(n,)](p_sq, r_sq, norms["first"], trust, BLOCK=_TRUST_BLOCK, num_warps=warps)
     first_aux = next((a for a in auxes if a is not None), params[0])
     _adam_prox_kernel[(plan.n_programs,)](
         params[0],
@@ -571,6 +735,7 @@ def adam_prox(
         tb["work_tensor"],
         tb["work_start"],
         plan.nnz,
+        trust,
         lr,
         beta1,
         beta2,
@@ -582,7 +747,8 @@ def adam_prox(
         reweight_eps,
         MODE=mode,
         REWEIGHT=bool(reweight),
-        num_warps=num_warps if params[0].is_cuda else 1,
+        TRUST=bool(lamb),
+        num_warps=warps,
         **plan.meta,
     )
     return plan

@@ -1,8 +1,8 @@
 """rpp_triton: Reweighted Proximal Pruning (arXiv 1909.12486) for BERT-family models.
 
-Public API (see DESIGN.md): RPPAdamW, param_groups, BlockSparseLinear, sparsify, densify.
-Heavy pieces (transformers, the server) are imported lazily, so `import rpp_triton` is cheap and
-works on machines without a GPU or without Triton.
+Public API (see docs/design.md): RPPAdamW, RPPLamb, param_groups, BlockSparseLinear, sparsify,
+densify. Heavy pieces (transformers, the server) are imported lazily, so `import rpp_triton` is
+cheap and works on machines without a GPU or without Triton.
 """
 
 import importlib
@@ -36,6 +36,7 @@ _mount_source_kernels()
 
 _LAZY = {
     "RPPAdamW": "rpp_triton.optim",
+    "RPPLamb": "rpp_triton.optim",
     "param_groups": "rpp_triton.optim",
     "BlockSparseLinear": "rpp_triton.sparse",
     "sparsify": "rpp_triton.sparse",

@@ -1,7 +1,7 @@
-"""RPPAdamW: AdamW followed by a reweighted-l1 (group-l2 over tiles) proximal step.
+"""RPPAdamW and RPPLamb: AdamW or LAMB followed by a reweighted-l1 (group-l2 over tiles) proximal step.
 
-The maths is in `rpp_triton.kernels.adam_prox` (`rpp_step_ref`); this module keeps the state,
-validates input and dispatches each group to the Triton kernel or the PyTorch path.
+The maths is in `rpp_triton.kernels.adam_prox` (`rpp_step_ref`, `lamb_trust_ref`); this module keeps
+the state, validates input and dispatches each group to the Triton kernel or the PyTorch path.
 """
 
 import functools
@@ -16,13 +16,14 @@ from rpp_triton.backend import check_backend, resolve
 from rpp_triton.kernels.adam_prox import (
     adam_scalars,
     adamw_step_ref,
+    lamb_trust_ref,
     rpp_step_ref,
     tile_prox_step_ref,
 )
 from rpp_triton.models import pruned_weight_ids
 from rpp_triton.tiles import as_block, tile_mask
 
-__all__ = ["RPPAdamW", "param_groups"]
+__all__ = ["RPPAdamW", "RPPLamb", "param_groups"]
 
 
 def _compile_enabled() -> bool:
@@ -62,6 +63,11 @@ def _fast(fn, **constants):
     return run
 
 
+def _inv_bias1(beta1: float, step: int) -> float:
+    """1 / (1 - beta1**t): LAMB's bias correction of m alone (AdamW folds it into the step size)."""
+    return 1.0 / (1.0 - beta1**step)
+
+
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -91,14 +97,12 @@ def _state_shapes(p: torch.Tensor, group: dict) -> dict:
     return shapes
 
 
-class RPPAdamW(torch.optim.Optimizer):
-    """AdamW with the reweighted proximal pruning step of arXiv 1909.12486 (see docs/design.md).
+class _RPPOptimizer(torch.optim.Optimizer):
+    """What RPPAdamW and RPPLamb share: options, checks, state, both backends, masks and sparsity.
+    `trust_ratio` is the one difference."""
 
-    Group keys: every constructor option plus `prune` (default True) and `frozen` (set by
-    `freeze_masks`). Gradients holding NaN or Inf do not poison the weights: the elements they
-    touch skip the Adam update for that step (weight and moments keep their values; the tile's
-    proximal step still applies) and are counted in `nonfinite_skipped()`.
-    """
+    # Scale each tensor's update by LAMB's trust ratio ||p|| / ||r|| (RPPLamb) or not (RPPAdamW).
+    trust_ratio = False
 
     def __init__(
         self,
@@ -232,7 +236,7 @@ class RPPAdamW(torch.optim.Optimizer):
                 continue
             for p in params:
                 if p.grad.is_sparse:
-                    raise RuntimeError("RPPAdamW does not support sparse gradients")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             backend = resolve(group["backend"], params[0].device)
             states = [self._init_state(p, group) for p in params]
             for state in states:
@@ -255,9 +259,8 @@ class RPPAdamW(torch.optim.Optimizer):
     def _step_torch(self, group: dict, params: list, states: list) -> None:
         beta1, beta2 = group["betas"]
         block = group["block_size"]
-        adam = dict(
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
-        )
+        moments = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        adam = dict(lr=group["lr"], **moments)
         tau = group["lr"] * group["rpp_lambda"]
         for p, state in zip(params, states):
             if p.numel() == 0:
@@ -271,12 +274,20 @@ class RPPAdamW(torch.optim.Optimizer):
             dense = w.contiguous()
             g = p.grad.detach().reshape(-1)
             flat = [dense.view(-1), g, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
+            trust = 1.0
+            if self.trust_ratio:
+                trust = _fast(lamb_trust_ref)(
+                    *flat,
+                    **moments,
+                    inv_bias1=_inv_bias1(beta1, state["step"]),
+                    inv_sqrt_bias2=inv_sqrt_bias2,
+                )
             if flags["prune"] and not flags["frozen"] and block != (1, 1):
                 # Tiles: Adam in one compiled pass, then PyTorch's own reduction for the tile norms
                 # and one in-place broadcast multiply (compiled, the tile view made inductor emit
                 # several strided loops: ~90x slower than these two eager ops on [3072, 768]).
                 skipped = _fast(adamw_step_ref)(
-                    *flat, step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2, **adam
+                    *flat, step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2, trust=trust, **adam
                 )
                 tile_prox_step_ref(
                     dense,
@@ -297,6 +308,7 @@ class RPPAdamW(torch.optim.Optimizer):
                     inv_sqrt_bias2=inv_sqrt_bias2,
                     rpp_lambda=group["rpp_lambda"],
                     reweight_eps=group["reweight_eps"],
+                    trust=trust,
                     **adam,
                 )
             state["nonfinite"] += skipped
@@ -355,6 +367,8 @@ class RPPAdamW(torch.optim.Optimizer):
                 mode=mode,
                 block=block,
                 reweight=self._flags(group, sts[0])["reweight"],
+                lamb=self.trust_ratio,
+                inv_bias1=_inv_bias1(beta1, step),
                 plan=plans.get(gdtype),
             )
             plans[gdtype] = plan
@@ -482,11 +496,36 @@ class RPPAdamW(torch.optim.Optimizer):
         return sum(int(s["nonfinite"]) for s in self.state.values() if "nonfinite" in s)
 
 
+class RPPAdamW(_RPPOptimizer):
+    """AdamW with the reweighted proximal pruning step of arXiv 1909.12486 (see docs/design.md).
+
+    Per parameter: z = p - lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * p), then p = z (group
+    not pruned), p = z * mask (masks frozen) or the proximal step of z per tile, with reweighting
+    every `reweight_every` steps. Group keys: every constructor option plus `prune` (default True)
+    and `frozen` (set by `freeze_masks`). Gradients holding NaN or Inf do not poison the weights:
+    the elements they touch skip the Adam update for that step (weight and moments keep their
+    values; the tile's proximal step still applies) and are counted in `nonfinite_skipped()`.
+    """
+
+
+class RPPLamb(_RPPOptimizer):
+    """LAMB (You et al. 2019, for large-batch pre-training) with the same pruning step as RPPAdamW.
+
+    Per parameter tensor: r = m_hat / (sqrt(v_hat) + eps) + weight_decay * p, trust = ||p|| / ||r||
+    where both norms are > 0 (else 1), z = p - lr * trust * r; then the same cases as RPPAdamW (not
+    pruned, frozen, proximal step + reweighting), with the same options, group keys, methods,
+    non-finite handling (skipped elements count as r = 0) and state. The Triton path reads the
+    weights twice: once for the norms, once for the update.
+    """
+
+    trust_ratio = True
+
+
 def param_groups(model: nn.Module, **options) -> list[dict]:
     """The default split for a BERT-family model: the encoder's attention and feed-forward
     `nn.Linear` weights are pruned; embeddings, LayerNorm, biases, pooler and heads are not.
 
-    `options` (any RPPAdamW option) apply to both groups. Each group carries `param_names` beside
+    `options` (any RPPAdamW / RPPLamb option) apply to both groups. Each group carries `param_names` beside
     `params`, so errors and reports name the parameter.
     """
     pruned_ids = pruned_weight_ids(model)

@@ -13,6 +13,7 @@ from rpp_triton.kernels.adam_prox import (
     MODE_TILES,
     adam_prox,
     adam_scalars,
+    lamb_trust_ref,
     rpp_step_ref,
 )
 
@@ -35,6 +36,15 @@ CASES = [
 ]
 
 
+MODE_NAMES = {MODE_ADAMW: "unpruned", MODE_FROZEN: "frozen", MODE_SOFT: "soft", MODE_TILES: "tiles"}
+
+
+def case_id(value) -> str:
+    if isinstance(value, list):
+        return f"{len(value)}tensors"
+    return f"block={value}" if isinstance(value, tuple) else MODE_NAMES[value]
+
+
 def make_tensors(shapes, mode, block, gdtype):
     ps = [torch.randn(s, device=DEVICE) for s in shapes]
     gs = [torch.randn(s, device=DEVICE).to(gdtype) for s in shapes]
@@ -51,31 +61,38 @@ def make_tensors(shapes, mode, block, gdtype):
     return ps, gs, ms, vs, aux
 
 
+@pytest.mark.parametrize("lamb", [False, True], ids=["adamw", "lamb"])
 @pytest.mark.parametrize("reweight", [False, True], ids=["plain", "reweight"])
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16], ids=["g=fp32", "g=bf16"])
-@pytest.mark.parametrize(
-    "mode, block, shapes", CASES, ids=lambda c: f"{c}" if not isinstance(c, list) else f"{len(c)}tensors"
-)
-def test_kernel_matches_reference(mode, block, shapes, gdtype, reweight):
+@pytest.mark.parametrize("mode, block, shapes", CASES, ids=lambda c: case_id(c))
+def test_kernel_matches_reference(mode, block, shapes, gdtype, reweight, lamb):
     ps, gs, ms, vs, aux = make_tensors(shapes, mode, block, gdtype)
     gs[0].view(-1)[0] = float("nan")  # a non-finite gradient element: skipped and counted
     ref = [[t.clone() if t is not None else None for t in ts] for ts in (ps, ms, vs, aux)]
     counters = [torch.zeros((), dtype=torch.int64, device=DEVICE) for _ in shapes]
     step_size, inv_sqrt_bias2 = adam_scalars(HP["lr"], HP["beta1"], HP["beta2"], 3)
     sc = dict(step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2)
+    inv_bias1 = 1 / (1 - HP["beta1"] ** 3)
     kernel_aux = [a.view(torch.uint8) if a is not None and a.dtype == torch.bool else a for a in aux]
     plan = adam_prox(
         ps, gs, ms, vs, kernel_aux, counters, **HP, **sc, rpp_lambda=2.0,
-        reweight_eps=1e-3, mode=mode, block=block, reweight=reweight,
+        reweight_eps=1e-3, mode=mode, block=block, reweight=reweight, lamb=lamb, inv_bias1=inv_bias1,
     )  # fmt: skip
+    moments = {k: v for k, v in HP.items() if k != "lr"}
     for i in range(len(shapes)):
         rp, rm, rv, ra = (ts[i] for ts in ref)
+        trust = 1.0
+        if lamb:
+            trust = lamb_trust_ref(
+                rp, gs[i], rm, rv, **moments, inv_bias1=inv_bias1, inv_sqrt_bias2=inv_sqrt_bias2
+            )
+            torch.testing.assert_close(plan.lamb["trust"][i], trust, rtol=1e-5, atol=0)
         alpha = ra if mode in (MODE_SOFT, MODE_TILES) else None
         mask = ra if mode == MODE_FROZEN else None
         rpp_step_ref(
             rp, gs[i], rm, rv, alpha, mask, **HP, **sc, rpp_lambda=2.0, reweight_eps=1e-3,
             block=block if mode == MODE_TILES else (1, 1), prune=mode != MODE_ADAMW,
-            frozen=mode == MODE_FROZEN, reweight=reweight,
+            frozen=mode == MODE_FROZEN, reweight=reweight, trust=trust,
         )  # fmt: skip
         torch.testing.assert_close(ps[i], rp, **TOL[gdtype])
         torch.testing.assert_close(ms[i], rm, **TOL[gdtype])
@@ -106,13 +123,16 @@ def test_tuning_arguments_change_the_work_split_not_the_result(mode, block):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def run_optimizer(backend, steps=7, freeze_at=4):
+OPTIMIZERS = [rpp.RPPAdamW, rpp.RPPLamb]
+
+
+def run_optimizer(backend, steps=7, freeze_at=4, optimizer=rpp.RPPAdamW):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(16, 32, device=DEVICE))  # tiled, pruned
     u = torch.nn.Parameter(torch.randn(7, 9, device=DEVICE))  # 1x1, pruned
     s = torch.nn.Parameter(torch.randn(3, device=DEVICE))  # smaller than one block
     b = torch.nn.Parameter(torch.randn(16, device=DEVICE))  # not pruned
-    opt = rpp.RPPAdamW(
+    opt = optimizer(
         [
             {"params": [w], "block_size": (4, 8)},
             {"params": [u, s]},
@@ -135,9 +155,10 @@ def run_optimizer(backend, steps=7, freeze_at=4):
     return history, opt
 
 
-def test_optimizer_triton_path_matches_torch_path_step_by_step():
-    torch_hist, torch_opt = run_optimizer("torch")
-    triton_hist, triton_opt = run_optimizer("triton")
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.__name__)
+def test_optimizer_triton_path_matches_torch_path_step_by_step(optimizer):
+    torch_hist, torch_opt = run_optimizer("torch", optimizer=optimizer)
+    triton_hist, triton_opt = run_optimizer("triton", optimizer=optimizer)
     for step, (a, b) in enumerate(zip(torch_hist, triton_hist)):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, **TOL[torch.float32])
@@ -165,8 +186,9 @@ def run_steps(params, opt, grads):
         opt.step()
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.__name__)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_frozen_optimizer_continues_bit_for_bit_after_a_checkpoint_round_trip(backend):
+def test_frozen_optimizer_continues_bit_for_bit_after_a_checkpoint_round_trip(backend, optimizer):
     # torch's loader casts state to the weight's dtype: a float mask, read by the kernel as bytes.
     grads = [[torch.randn(8, 16, device=DEVICE), torch.randn(40, device=DEVICE)] for _ in range(9)]
     grads[7][0][0, 0] = float("nan")  # the non-finite counter is used after the resume
@@ -176,7 +198,7 @@ def test_frozen_optimizer_continues_bit_for_bit_after_a_checkpoint_round_trip(ba
         w = torch.nn.Parameter(torch.randn(8, 16, device=DEVICE))
         u = torch.nn.Parameter(torch.randn(40, device=DEVICE))
         groups = [{"params": [w], "block_size": (4, 8)}, {"params": [u]}]
-        return (w, u), rpp.RPPAdamW(groups, lr=0.05, rpp_lambda=1.0, reweight_every=2, backend=backend)
+        return (w, u), optimizer(groups, lr=0.05, rpp_lambda=1.0, reweight_every=2, backend=backend)
 
     params, opt = build()
     run_steps(params, opt, grads[:3])
@@ -203,8 +225,9 @@ def test_frozen_optimizer_continues_bit_for_bit_after_a_checkpoint_round_trip(ba
     assert opt2.nonfinite_skipped() == opt.nonfinite_skipped() == 1
 
 
+@pytest.mark.parametrize("optimizer", OPTIMIZERS, ids=lambda o: o.__name__)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_zero_size_and_transposed_weights_step(backend):
+def test_zero_size_and_transposed_weights_step(backend, optimizer):
     shapes = [(8, 16), (6, 12), (0, 16), (0,)]  # tiled, 1x1, and an empty one in each group
     values = [torch.randn(s, device=DEVICE) for s in shapes]
     grads = [[torch.randn(s, device=DEVICE) for s in shapes] for _ in range(6)]
@@ -215,7 +238,7 @@ def test_zero_size_and_transposed_weights_step(backend):
     def run(layout):
         params = [torch.nn.Parameter(layout(v.clone())) for v in values]
         groups = [{"params": params[0::2], "block_size": (4, 8)}, {"params": params[1::2]}]
-        opt = rpp.RPPAdamW(groups, lr=0.05, rpp_lambda=1.0, reweight_every=2, backend=backend)
+        opt = optimizer(groups, lr=0.05, rpp_lambda=1.0, reweight_every=2, backend=backend)
         run_steps(params, opt, [[layout(g) for g in gs] for gs in grads[:4]])
         opt.freeze_masks()
         run_steps(params, opt, [[layout(g) for g in gs] for gs in grads[4:]])
