@@ -40,6 +40,8 @@ extras = {
         "pytest-timeout>=2",
         "hypothesis>=6",
         "ruff>=0.5",
+        "openai>=1.40",
+        "schemathesis>=4",
     ],
 }
 extras["all"] = sorted({req for reqs in extras.values() for req in reqs})

@@ -168,8 +168,8 @@ def scrape(url: str) -> dict:
 def run_mode(model_dir: str, dense: bool, texts: list[str], args) -> dict:
     proc, url = start_server(model_dir, dense, args)
     try:
-        info = httpx.get(url + "/health").json()["model"]
-        if not dense and info["sparse_layers"] == 0:
+        info = httpx.get(url + "/info").json()
+        if not dense and not info["sparse_layers"]:
             raise RuntimeError(f"sparse serving swapped no layers: {info.get('sparse_error')}")
         before = scrape(url)
         result = asyncio.run(load(url, texts, args))
@@ -181,7 +181,7 @@ def run_mode(model_dir: str, dense: bool, texts: list[str], args) -> dict:
     fwd = after["rpp_forward_seconds_sum"] - before.get("rpp_forward_seconds_sum", 0)
     result.update(
         mode="dense" if dense else "sparse",
-        sparse_layers=info["sparse_layers"],
+        sparse_layers=len(info["sparse_layers"]),
         mean_batch=seqs / batches if batches else float("nan"),
         forward_ms=fwd / batches * 1000 if batches else float("nan"),
         device=info["device"],

@@ -1,5 +1,5 @@
 """`POST /v1/qa` on a tiny random BERT QA model: long contexts are read in overlapping windows and
-the answer is the one `rpp_triton.squad` picks from the model's own, unbatched logits."""
+the answer is the one `rpp_triton.qa` picks from the model's own, unbatched logits."""
 
 import collections
 import random
@@ -9,8 +9,9 @@ import pytest
 import torch
 from test_serve import WORDS, loader, running, write_model
 
-from rpp_triton import squad
 from rpp_triton.errors import UsageError
+from rpp_triton.qa import features as squad
+from rpp_triton.qa.evaluate import predict_logits
 from rpp_triton.serve.predictor import Predictor
 
 MAX_TOKENS, STRIDE = 24, 8
@@ -48,7 +49,7 @@ def direct(qa_dir):
             tokenizer, examples, MAX_TOKENS, STRIDE, collections.Counter()
         )
         assert len(kept) == len(examples)
-        starts, ends = squad.predict_logits(model, tokenizer, features, batch_size=1)
+        starts, ends = predict_logits(model, tokenizer, features, batch_size=1)
         return examples, features, starts, ends
 
     return run

@@ -69,9 +69,10 @@ def http_error(kind: Kind, message: str) -> tuple[int, dict, dict]:
     return status, {"error": {"type": kind.value, "message": message}}, headers
 
 
-def error_response(kind: Kind, message: str) -> JSONResponse:
-    status, body, headers = http_error(kind, message)
-    return JSONResponse(body, status_code=status, headers=headers)
+def error_response(kind: Kind, message: str, headers: dict | None = None) -> JSONResponse:
+    """The JSON answer to an error of `kind` (with `headers` added, e.g. a 405's Allow)."""
+    status, body, own = http_error(kind, message)
+    return JSONResponse(body, status_code=status, headers={**own, **(headers or {})})
 
 
 def statuses(*kinds: Kind) -> list[int]:

@@ -5,7 +5,7 @@ Every route shares one forward: a batch holds tokenized sequences, the encoder r
 sequence gets back its mean-pooled embedding plus whatever head the model has (classification
 logits, or question-answering start/end logits). Routes only differ in tokenization (single text,
 text pair, question + context windows) and in post-processing, so requests of different routes can
-share a batch. Question answering reuses `rpp_triton.squad`: a long context becomes overlapping
+share a batch. Question answering reuses `rpp_triton.qa.features`: a long context becomes overlapping
 windows (`prepare_eval_features`), each window is one batch sequence, and the best span over a
 context's windows is picked as evaluation picks it (`best_spans`). A new task head is one `_HEADS`
 entry, one `encode_*` method and one post-processing method.
@@ -93,23 +93,24 @@ class SequenceOutput:
 
 @dataclass
 class ModelInfo:
-    model_dir: str
+    """What a loaded model is: shown by GET /info (never the directory's absolute path)."""
+
+    model_id: str  # the model directory's name
     architecture: str
     tasks: list[str]
     device: str
     dtype: str
     hidden_size: int
     max_tokens: int
-    sparse_requested: bool
     block_size: list[int]
     doc_stride: int = 0  # tokens of overlap between question-answering windows
-    sparse_layers: int = 0
+    sparse_layers: list[str] = field(default_factory=list)  # names of the block-sparse Linear layers
     linear_layers: int = 0
     weight_tile_sparsity: float = 0.0
     sparse_error: str | None = None
+    pruning: dict | None = None  # sparsity, target and block size from rpp_report.json
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _tile_sparsity(weight: torch.Tensor, block: tuple[int, int]) -> float | None:
@@ -238,21 +239,18 @@ class Predictor:
 
         block = source.block
         info = ModelInfo(
-            model_dir=os.path.abspath(source.model_dir),
+            model_id=os.path.basename(os.path.abspath(source.model_dir)),
             architecture=type(model).__name__,
             tasks=["embed"] + ([source.task] if source.task else []),
             device=str(dev),
             dtype=str(torch_dtype).replace("torch.", ""),
             hidden_size=source.config.hidden_size,
             max_tokens=source.max_tokens,
-            sparse_requested=options.sparse,
             block_size=list(block),
             doc_stride=source.doc_stride,
         )
         if source.report:
-            info.extra["rpp_report"] = {
-                k: source.report.get(k) for k in ("sparsity", "target_sparsity", "block_size")
-            }
+            info.pruning = {k: source.report.get(k) for k in ("sparsity", "target_sparsity", "block_size")}
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         info.linear_layers = len(linears)
         tiles = [(s, m.weight.numel()) for m in linears if (s := _tile_sparsity(m.weight, block)) is not None]
@@ -266,11 +264,15 @@ class Predictor:
         return cls(model, source.tokenizer, info=info, device=dev, truncate=options.truncate)
 
     # ----------------------------------------------------------- tokenization
-    def encode_texts(self, inputs: list[str | tuple[str, str]]) -> list[Encoded]:
-        """Tokenize single texts or text pairs. Over-long inputs are truncated or refused."""
+    def encode_texts(
+        self, inputs: list[str | tuple[str, str]], truncate: bool | None = None
+    ) -> list[Encoded]:
+        """Tokenize single texts or text pairs. Over-long inputs are truncated or refused (`truncate`,
+        by default the predictor's setting)."""
         tok = self.tokenizer
+        truncate = self.truncate if truncate is None else truncate
         kwargs = dict(verbose=False, return_attention_mask=False)
-        if self.truncate:
+        if truncate:
             kwargs.update(truncation=True, max_length=self.max_tokens)
         if all(isinstance(x, str) for x in inputs):
             rows = tok(list(inputs), **kwargs)
@@ -283,7 +285,7 @@ class Predictor:
                 row = tok(x, **kwargs) if isinstance(x, str) else tok(x[0], x[1], **kwargs)
                 types = row.get("token_type_ids") if self.uses_token_types else None
                 encoded.append(Encoded(row["input_ids"], types))
-        if self.truncate:
+        if truncate:
             # A truncated sequence is exactly max_tokens long; re-tokenize only those to be sure.
             for i, e in enumerate(encoded):
                 if len(e) == self.max_tokens:
@@ -298,13 +300,13 @@ class Predictor:
 
     def encode_qa(self, pairs: list[tuple[str, str]]) -> list[Encoded]:
         """Tokenize (question, context) pairs into windows of at most `max_tokens` tokens that overlap
-        by `doc_stride` context tokens (`squad.prepare_eval_features`); each window's `example` is
+        by `doc_stride` context tokens (`qa.prepare_eval_features`); each window's `example` is
         the index of its pair. A question that leaves no room for the context is refused."""
-        from rpp_triton import squad
+        from rpp_triton.qa import features as qa
 
         examples = [{"question": q, "context": c} for q, c in pairs]
         stride = self.info.doc_stride
-        kept, features = squad.prepare_eval_features(
+        kept, features = qa.prepare_eval_features(
             self.tokenizer, examples, self.max_tokens, stride, collections.Counter()
         )
         if len(kept) < len(examples):
@@ -382,19 +384,19 @@ class Predictor:
         null_threshold: float | None = None,
         max_answer_tokens: int = 30,
     ) -> list[dict]:
-        """Per (question, context) pair, the best span over its windows (`squad.best_spans`): the
+        """Per (question, context) pair, the best span over its windows (`qa.best_spans`): the
         answer text, its character offsets into the context, `score` (its start probability times
         its end probability, softmax over its window) and `null_margin` (null score minus the best
         span's start + end logits). With `null_threshold`, the answer is empty (start = end = 0,
         score: the [CLS] probability of the window with the lowest null score) when the margin
         exceeds it, as SQuAD v2.0 scores it."""
-        from rpp_triton import squad
+        from rpp_triton.qa import features as qa
 
         examples = [{"question": q, "context": c} for q, c in pairs]
         features = [{"example_index": w.example, "offsets": w.context_offsets} for w in windows]
         starts = [torch.tensor(o.start_logits) for o in outputs]
         ends = [torch.tensor(o.end_logits) for o in outputs]
-        spans = squad.best_spans(
+        spans = qa.best_spans(
             examples,
             features,
             [s.numpy() for s in starts],
@@ -429,17 +431,21 @@ class Predictor:
 
 def _sparsify(
     model, block_size: tuple[int, int], min_sparsity: float, backend: str
-) -> tuple[int, str | None]:
-    """Swap sparse Linear layers for BlockSparseLinear. Returns (layers swapped, why not or None)."""
+) -> tuple[list, str | None]:
+    """Swap sparse Linear layers for BlockSparseLinear. Returns (names of the swapped layers, why
+    none were or None)."""
     try:
         from rpp_triton.sparse import BlockSparseLinear, sparsify
     except ImportError as exc:
         reason = f"rpp_triton.sparse is not available ({exc}); serving the dense model"
         log.warning(reason)
-        return 0, reason
+        return [], reason
     sparsify(model, block_size=block_size, min_sparsity=min_sparsity, backend=backend)
-    swapped = sum(isinstance(m, BlockSparseLinear) for m in model.modules())
+    swapped = [name for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
     log.info(
-        "sparsified %d Linear layers (block %s, min tile sparsity %.2f)", swapped, block_size, min_sparsity
+        "sparsified %d Linear layers (block %s, min tile sparsity %.2f)",
+        len(swapped),
+        block_size,
+        min_sparsity,
     )
     return swapped, None

@@ -1,11 +1,35 @@
-"""Request and response bodies of the HTTP API (pydantic), which FastAPI checks and documents."""
+"""Request and response bodies of the HTTP API (pydantic), which FastAPI checks and documents.
+
+Types are strict where JSON would otherwise be coerced: a boolean is `true` or `false` (not `1`,
+`"yes"`), a number is not a boolean, a text is a string. A list of inputs has at least one item.
+Limits set by the server's flags (inputs per request, characters per text) are checked by the
+service and answered 413; the served OpenAPI document states them (`LIMIT`).
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Literal
 
-Text = str
-TextOrPair = str | tuple[str, str]
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictStr
+
+# Marks a schema node with the server limit that bounds it; the served OpenAPI document turns
+# the mark into maxLength (a text) or maxItems (a list of inputs) with the running server's value.
+LIMIT = "x-rpp-limit"
+Text = Annotated[StrictStr, Field(json_schema_extra={LIMIT: "max_chars"})]
+NonBlank = Annotated[Text, Field(pattern=r"\S")]
+
+
+def inputs_list(item) -> type:
+    """A list of at least one and at most max_inputs `item`s."""
+    return Annotated[list[item], Field(min_length=1, json_schema_extra={LIMIT: "max_inputs"})]
+
+
+Texts = inputs_list(Text)
+TextOrPair = Text | tuple[Text, Text]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorDetail(BaseModel):
@@ -19,10 +43,11 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class EmbedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": ["A sentence."]}]})
-    inputs: Text | list[Text] = Field(description="one text or a list of texts")
-    normalize: bool = Field(False, description="scale each embedding to unit length")
+# ------------------------------------------------------------------ native API
+class EmbedRequest(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": ["A sentence."]}]})
+    inputs: Text | Texts = Field(description="one text or a list of texts")
+    normalize: StrictBool = Field(False, description="scale each embedding to unit length")
 
 
 class EmbedResponse(BaseModel):
@@ -30,9 +55,11 @@ class EmbedResponse(BaseModel):
     truncated: list[bool]
 
 
-class ClassifyRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": ["A sentence."]}]})
-    inputs: Text | list[TextOrPair] = Field(description="one text, or a list of texts and [text, text] pairs")
+class ClassifyRequest(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": ["A sentence."]}]})
+    inputs: Text | inputs_list(
+        TextOrPair
+    ) = Field(description="one text, or a list of texts and [text, text] pairs")
 
 
 class Classification(BaseModel):
@@ -49,24 +76,22 @@ class ClassifyResponse(BaseModel):
     truncated: list[bool]
 
 
-class QAItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    question: str
-    context: str = Field(description="any length: a long context is read in overlapping windows")
+class QAItem(Strict):
+    question: NonBlank
+    context: NonBlank = Field(description="a long context is read in overlapping windows")
 
 
-class QARequest(BaseModel):
+class QARequest(Strict):
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={"examples": [{"inputs": {"question": "Who?", "context": "Ada wrote it."}}]},
     )
-    inputs: QAItem | list[QAItem]
-    allow_no_answer: bool = Field(
+    inputs: QAItem | inputs_list(QAItem)
+    allow_no_answer: StrictBool = Field(
         False,
         description="answer empty (no_answer: true) when the null score beats the best span by more "
         "than null_threshold (SQuAD v2.0); otherwise the best span is always returned",
     )
-    null_threshold: float = Field(
+    null_threshold: StrictFloat = Field(
         0.0,
         allow_inf_nan=False,
         description="with allow_no_answer: the null_margin above which the answer is empty "
@@ -88,3 +113,87 @@ class Answer(BaseModel):
 class QAResponse(BaseModel):
     answers: list[Answer]
     truncated: list[bool] = Field(description="always false: long contexts are windowed, never cut")
+
+
+# ------------------------------------------------- OpenAI: POST /v1/embeddings
+class OpenAIEmbeddingsRequest(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"model": "minilm", "input": ["A sentence."]}]},
+    )
+    input: Text | Texts = Field(description="one text or a list of texts")
+    model: StrictStr | None = Field(None, description="accepted and ignored: the server has one model")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each embedding as little-endian float32 bytes, base64-encoded"
+    )
+    user: StrictStr | None = Field(None, description="accepted and ignored")
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(
+        description="unit length; a base64 string with encoding_format=base64"
+    )
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+# ------------------------------------- text-embeddings-inference: POST /embed
+class TEIEmbedRequest(Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": "A sentence."}]})
+    inputs: Text | Texts = Field(description="one text or a list of texts")
+    normalize: StrictBool = Field(True, description="scale each embedding to unit length")
+    truncate: StrictBool | None = Field(
+        None,
+        description="cut inputs over the token limit (true) or refuse them with 413 (false); "
+        "null: the server's --on-long setting",
+    )
+
+
+# ----------------------------------------------------------- GET /info, /health
+class Limits(BaseModel):
+    max_inputs: int = Field(description="inputs per request (a text pair or question + context is one)")
+    max_chars: int = Field(description="characters per text")
+    max_tokens: int = Field(description="tokens per input (per window for question answering)")
+    on_long: Literal["truncate", "refuse"] = Field(description="what happens to inputs over max_tokens")
+    max_body_bytes: int
+    max_batch_size: int
+    max_batch_tokens: int
+    max_wait_ms: float
+    max_queue: int
+    request_timeout_s: float
+
+
+class Info(BaseModel):
+    model_id: str = Field(description="the model directory's name")
+    architecture: str
+    tasks: list[str]
+    routes: list[str] = Field(description="inference routes this model serves")
+    device: str
+    dtype: str
+    hidden_size: int
+    block_size: list[int] = Field(description="tile size [rows, columns] of the block-sparse layers")
+    weight_tile_sparsity: float = Field(description="fraction of all-zero tiles over the Linear weights")
+    pruning: dict | None = Field(description="sparsity, target_sparsity and block_size from rpp_report.json")
+    sparse_layers: list[str] = Field(description="Linear layers running block-sparse")
+    linear_layers: int
+    sparse_error: str | None = Field(description="why no layer runs block-sparse, when sparse serving failed")
+    doc_stride: int = Field(description="tokens of overlap between question-answering windows")
+    load_seconds: float
+    warmup_seconds: float
+    limits: Limits
+
+
+class Health(BaseModel):
+    status: Literal["loading", "ready", "draining", "failed"]
+    model_id: str | None = None

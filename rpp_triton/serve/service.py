@@ -9,9 +9,11 @@ of a kind (rpp_triton.serve.errors); the HTTP layer alone turns kinds into statu
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import asdict
 
 from rpp_triton.serve.batching import DynamicBatcher
 from rpp_triton.serve.config import ServerConfig
@@ -25,19 +27,21 @@ log = logging.getLogger("rpp_triton.serve")
 _INLINE_TOKENIZE_CHARS = 4096
 
 
-def check_inputs(texts: list[str], config: ServerConfig, per_input: int = 1) -> None:
-    """Limits on `texts`, which are `per_input` consecutive texts per input (2 for a QA pair)."""
-    n = len(texts) // per_input
-    if not texts:
+def check_inputs(inputs: list[tuple[str, ...]], config: ServerConfig) -> None:
+    """Limits on a request's inputs, each one text or a pair of texts (a pair counts once)."""
+    if not inputs:
         raise ServeError("inputs is an empty list; send at least one input", Kind.EMPTY_INPUTS)
-    if n > config.max_inputs:
-        raise ServeError(f"{n} inputs; the limit is {config.max_inputs} per request", Kind.TOO_MANY_INPUTS)
-    for i, text in enumerate(texts):
-        if len(text) > config.max_chars:
-            raise ServeError(
-                f"input {i // per_input} has {len(text)} characters; the limit is {config.max_chars}",
-                Kind.INPUT_TOO_LONG,
-            )
+    if len(inputs) > config.max_inputs:
+        raise ServeError(
+            f"{len(inputs)} inputs; the limit is {config.max_inputs} per request", Kind.TOO_MANY_INPUTS
+        )
+    for i, texts in enumerate(inputs):
+        for text in texts:
+            if len(text) > config.max_chars:
+                raise ServeError(
+                    f"input {i} has a text of {len(text)} characters; the limit is {config.max_chars}",
+                    Kind.INPUT_TOO_LONG,
+                )
 
 
 class Service:
@@ -48,14 +52,13 @@ class Service:
         self.metrics = metrics or Metrics()
         self.predictor: Predictor | None = None
         self.state = "loading"  # loading -> ready -> draining; or failed
-        self.error: str | None = None
 
     async def run(self, encoded: list[Encoded], timeout: float) -> list:
         raise NotImplementedError
 
     def set_ready(self, predictor: Predictor) -> None:
         self.predictor = predictor
-        self.metrics.sparse_layers.set(predictor.info.sparse_layers)
+        self.metrics.sparse_layers.set(len(predictor.info.sparse_layers))
         self.state = "ready"
         self.metrics.ready.set(1)
 
@@ -65,7 +68,7 @@ class Service:
             message = {
                 "loading": "the model is still loading",
                 "draining": "the server is shutting down",
-                "failed": f"the model failed to load: {self.error}",
+                "failed": "the model failed to load (the server log says why)",
             }.get(self.state, self.state)
             raise ServeError(message, Kind.UNAVAILABLE)
         if task not in self.predictor.tasks:
@@ -77,11 +80,37 @@ class Service:
         return self.predictor
 
     # ------------------------------------------------------------- requests
-    async def embed(self, texts: list[str], route: str) -> tuple[list[list[float]], list[Encoded]]:
-        """Mean-pooled embeddings of `texts`, and their encodings (which say what was truncated)."""
+    def info(self) -> dict:
+        """The model and the limits it is served with (GET /info)."""
+        info = asdict(self.require("embed").info)
+        cfg = self.config
+        info["limits"] = {
+            name: getattr(cfg, name)
+            for name in (
+                "max_inputs",
+                "max_chars",
+                "max_body_bytes",
+                "max_batch_size",
+                "max_batch_tokens",
+                "max_wait_ms",
+                "max_queue",
+                "request_timeout_s",
+            )
+        }
+        info["limits"].update(
+            max_tokens=info["max_tokens"], on_long="truncate" if self.predictor.truncate else "refuse"
+        )
+        return info
+
+    async def embed(
+        self, texts: list[str], route: str, truncate: bool | None = None
+    ) -> tuple[list[list[float]], list[Encoded]]:
+        """Mean-pooled embeddings of `texts`, and their encodings (which say what was truncated).
+        `truncate` overrides the server's choice for over-long inputs."""
         predictor = self.require("embed")
-        check_inputs(texts, self.config)
-        encoded = await self._encode(predictor.encode_texts, texts, sum(map(len, texts)))
+        check_inputs([(t,) for t in texts], self.config)
+        encode = functools.partial(predictor.encode_texts, truncate=truncate)
+        encoded = await self._encode(encode, texts, sum(map(len, texts)))
         outputs = await self._run(encoded, route)
         return [o.embedding for o in outputs], encoded
 
@@ -90,7 +119,7 @@ class Service:
     ) -> tuple[list[dict], list[Encoded]]:
         """Label, score and probabilities per text or text pair."""
         predictor = self.require("classify")
-        check_inputs([t for x in inputs for t in ((x,) if isinstance(x, str) else x)], self.config)
+        check_inputs([(x,) if isinstance(x, str) else x for x in inputs], self.config)
         chars = sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1]) for x in inputs)
         encoded = await self._encode(predictor.encode_texts, inputs, chars)
         outputs = await self._run(encoded, route)
@@ -101,11 +130,7 @@ class Service:
     ) -> list[dict]:
         """The best answer span per (question, context) pair; long contexts are read in windows."""
         predictor = self.require("qa")
-        check_inputs([t for pair in pairs for t in pair], self.config, per_input=2)
-        for i, pair in enumerate(pairs):
-            for name, text in zip(("question", "context"), pair):
-                if not text.strip():
-                    raise ServeError(f"input {i} has an empty {name}", Kind.EMPTY_INPUT)
+        check_inputs(pairs, self.config)
         chars = sum(len(q) + len(c) for q, c in pairs)
         # One batcher input per window: windows of every request share the batches.
         windows = await self._encode(predictor.encode_qa, pairs, chars)
@@ -170,11 +195,10 @@ class LocalService(Service):
                     info.architecture,
                     info.device,
                     info.dtype,
-                    info.sparse_layers,
+                    len(info.sparse_layers),
                 )
         except Exception as exc:  # noqa: BLE001 - reported through /health and on_failure
             log.exception("loading the model failed")
-            self.error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             if self._on_failure is not None:
                 self._on_failure(exc)
