@@ -272,3 +272,19 @@ def test_controller_schedule_is_a_ramp_to_target():
     values = [c.scheduled(s) for s in range(10, 111)]
     assert all(b >= a for a, b in zip(values, values[1:]))
     assert c.scheduled(80) == pytest.approx(0.8) and c.scheduled(110) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("block", [(1, 1), (4, 4)], ids=lambda b: f"block={b[0]}x{b[1]}")
+def test_rpp_lambda_zeroes_the_scheduled_share_and_sampling_keeps_it(block):
+    import rpp_triton as rpp
+
+    weights = [torch.nn.Parameter(torch.randn(64, 96)), torch.nn.Parameter(torch.randn(128, 32) * 3)]
+    opt = rpp.RPPAdamW(weights, lr=0.01, block_size=block, backend="torch")
+    full = C.RPPController(opt, 0.6, block, 0, 10, 0)
+    lam = full._lambda_for(0.6)
+    # with lambda at that value a proximal step from the current weights zeroes ~60% of the tiles
+    scores = torch.cat([tiles.tile_rms(w.detach(), block).flatten() for w in weights])
+    assert (scores <= 0.01 * lam).float().mean() == pytest.approx(0.6, abs=0.01)
+    sampled = C.RPPController(opt, 0.6, block, 0, 10, 0)
+    sampled.SAMPLE = scores.numel() // 4  # every 4th tile-row
+    assert sampled._lambda_for(0.6) == pytest.approx(lam, rel=0.15)
