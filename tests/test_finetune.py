@@ -10,15 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
+from finetune_helpers import eager_single_thread, fails  # noqa: E402, F401
 from tiny_bert import write_task_csv, write_task_jsonl, write_text, write_tiny_bert  # noqa: E402
 
 from rpp_triton.cli import main  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def eager_optimizer(monkeypatch):
-    # torch.compile of the optimizer step costs more than these tiny runs; the maths is the same.
-    monkeypatch.setenv("RPP_TRITON_COMPILE", "0")
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +39,6 @@ def pruned(files):
     assert main([*argv, "--batch-size", "8", "--dense-reference", "none"]) == 0
     mp.undo()
     return out
-
-
-def fails(argv, capsys, *needles):
-    """Run the CLI, expect exit 2 and a single error line containing every needle."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"rpp-triton {argv[0]}: error:"), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def test_finetune_keeps_masks(files, pruned, tmp_path):

@@ -1,7 +1,9 @@
-"""Argument helpers the training subcommands share."""
+"""Argument helpers the training subcommands share, and the transformers spellings of their flags
+(`--learning_rate` for `--lr`, ...) so that commands written for transformers' scripts work."""
 
 from __future__ import annotations
 
+import argparse
 import re
 
 from rpp_triton.errors import UsageError
@@ -34,3 +36,89 @@ def add_run_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="RPPAdamW backend")
     p.add_argument("--logging-steps", type=int, default=10)
+
+
+# The project's flags under the names transformers' `TrainingArguments` and its example scripts
+# (run_glue.py, run_qa.py) give them.
+STANDARD_NAMES = {
+    "--lr": "--learning_rate",
+    "--batch-size": "--per_device_train_batch_size",
+    "--epochs": "--num_train_epochs",
+    "--max-steps": "--max_steps",
+    "--weight-decay": "--weight_decay",
+    "--output-dir": "--output_dir",
+    "--overwrite": "--overwrite_output_dir",
+    "--resume-from-checkpoint": "--resume_from_checkpoint",
+    "--save-steps": "--save_steps",
+    "--logging-steps": "--logging_steps",
+    "--gradient-accumulation-steps": "--gradient_accumulation_steps",
+    "--warmup-ratio": "--warmup_ratio",
+    "--lr-scheduler-type": "--lr_scheduler_type",
+    "--report-to": "--report_to",
+    "--model": "--model_name_or_path",
+    "--task": "--task_name",
+    "--dataset": "--dataset_name",
+    "--dataset-config": "--dataset_config_name",
+    "--train-file": "--train_file",
+    "--validation-file": "--validation_file",
+    "--max-length": "--max_seq_length",
+    "--doc-stride": "--doc_stride",
+    "--max-answer-length": "--max_answer_length",
+}
+
+
+def add_standard_names(parser: argparse.ArgumentParser, names: dict[str, str] = STANDARD_NAMES) -> None:
+    """Let every flag of `parser` that has a transformers spelling answer to it as well (call it
+    once all arguments are added). `--help` shows both spellings."""
+    for action in parser._actions:
+        for own in list(action.option_strings):
+            alias = names.get(own)
+            if alias and alias not in parser._option_string_actions:
+                action.option_strings.append(alias)
+                parser._option_string_actions[alias] = action
+
+
+def add_trainer_arguments(p, warmup_ratio: float = 0.1, lr_scheduler_type: str = "linear") -> None:
+    """`TrainingArguments` options a run passes straight through (see `TrainerOptions`)."""
+    g = p.add_argument_group("transformers TrainingArguments")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="batches per optimizer step")
+    g.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=warmup_ratio,
+        help=f"share of the steps with a rising learning rate (default {warmup_ratio:g})",
+    )
+    g.add_argument(
+        "--lr-scheduler-type",
+        default=lr_scheduler_type,
+        help=f"learning-rate schedule: linear, cosine, constant, ... (default {lr_scheduler_type})",
+    )
+    g.add_argument(
+        "--report-to",
+        nargs="+",
+        metavar="NAME",
+        help="where logs go: tensorboard, wandb, ..., or none (default: TensorBoard where installed)",
+    )
+    g.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (CPU or GPU)")
+    g.add_argument("--fp16", action="store_true", help="float16 mixed precision (CUDA only)")
+
+
+def add_dataset_arguments(g, split_dest: str = "split", split_help: str = "training split (default train)"):
+    """`--dataset-config` and `--split`: which configuration and split of a named dataset."""
+    g.add_argument("--dataset-config", help="configuration of the dataset (GLUE: the task name)")
+    g.add_argument("--split", dest=split_dest, help=split_help)
+
+
+def add_input_arguments(p, max_length_help: str) -> None:
+    """Input length, and how question answering windows a context and reads an answer off."""
+    p.add_argument("--max-length", type=int, help=max_length_help)
+    qa = p.add_argument_group("question answering")
+    qa.add_argument(
+        "--doc-stride", type=int, help="tokens shared by neighbouring windows (default max-length / 3)"
+    )
+    qa.add_argument("--max-answer-length", type=int, help="longest answer in tokens (default 30)")
+    qa.add_argument(
+        "--null-threshold",
+        type=float,
+        help="v2.0: the answer is empty when null score - best span score > this (default 0)",
+    )

@@ -4,11 +4,12 @@ passage comes from)."""
 
 from __future__ import annotations
 
+import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from rpp_triton.data.sources import first_line, load_raw, offline, pydoc_paragraphs
+from rpp_triton.data.sources import DataOptions, load_raw, load_splits, pydoc_paragraphs
 from rpp_triton.errors import UsageError
 
 
@@ -100,16 +101,34 @@ def _rows(ds, spec: TaskSpec, where: str) -> list[dict]:
     return [
         {"text": str(x), "text_pair": None if y is None else str(y), "label": lab}
         for x, y, lab in zip(a, b, ds[spec.label_column])
-        if lab is not None and lab != -1  # GLUE test splits carry label -1
+        # GLUE test splits carry label -1; a missing CSV value reads as NaN
+        if lab is not None and lab != -1 and lab == lab
     ]
 
 
+def _numeric_labels(rows: list[dict], where: str) -> None:
+    for row in rows:
+        try:
+            value = float(row["label"])
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise UsageError(f"{where}: regression needs numeric labels, got {row['label']!r}")
+        row["label"] = value
+
+
 def _encode_labels(train: list[dict], held: list[dict], spec: TaskSpec) -> list[str]:
+    """Labels as class indices (in place) and the class names; numbers for regression."""
     if spec.kind == "regression":
-        for row in (*train, *held):
-            row["label"] = float(row["label"])
+        _numeric_labels(train + held, spec.name)
         return []
     values = sorted({r["label"] for r in train}, key=lambda v: (str(type(v)), v))
+    if "f1" in spec.metrics and not set(values) <= {0, 1}:
+        shown = ", ".join(repr(v) for v in values[:4])
+        raise UsageError(
+            f"{spec.name} reports the F1 of the positive class, label 1, so its labels must be 0 and 1 "
+            f"(got {shown})"
+        )
     if all(isinstance(v, int) for v in values):
         names = [str(v) for v in range(max(values) + 1)]
         lookup = {v: v for v in values}
@@ -123,62 +142,56 @@ def _encode_labels(train: list[dict], held: list[dict], spec: TaskSpec) -> list[
     return names
 
 
-def load_task(
-    task: str | None,
-    train_file: str | None = None,
-    validation_file: str | None = None,
-    text_column: str | None = None,
-    text_pair_column: str | None = None,
-    label_column: str | None = None,
-    regression: bool = False,
-) -> TaskData:
-    """A task by name (GLUE or the offline default), or from local files. Local files take the
-    columns given (or the GLUE task's own columns when `task` names one)."""
-    if train_file is None:
-        if task in (None, DEFAULT_TASK):
-            return pydoc_topic_task()
-        if task not in GLUE_TASKS:
-            raise UsageError(f"unknown task {task!r} (known: {', '.join(TASK_NAMES)}; or pass --train-file)")
-        spec = GLUE_TASKS[task]
-        raw = _load_glue(spec)
-        train, held = _rows(raw["train"], spec, task), _rows(raw[spec.eval_split], spec, task)
-        return TaskData(spec, train, held, _encode_labels(train, held, spec))
+def _spec(options: DataOptions) -> TaskSpec:
+    """The task's columns, metrics and kind: a GLUE task's own (columns may be renamed), or a
+    generic task over `options`' columns."""
+    base = GLUE_TASKS.get(options.task)
+    if base is None and options.task not in (None, DEFAULT_TASK):
+        raise UsageError(f"unknown task {options.task!r} (known: {', '.join(TASK_NAMES)})")
+    if base is not None and options.regression and base.kind != "regression":
+        raise UsageError(f"--regression does not apply to {base.name}, a classification task")
+    if base is None:
+        kind = "regression" if options.regression else "classification"
+        metrics = ("pearson", "spearman") if options.regression else ("accuracy", "macro_f1")
+        base = TaskSpec(options.dataset or "local", ("text",), metrics=metrics, kind=kind)
+    first = options.text_column or base.text_columns[0]
+    pair = options.text_pair_column or (base.text_columns[1] if len(base.text_columns) > 1 else None)
+    return replace(
+        base,
+        text_columns=(first,) if pair is None else (first, pair),
+        label_column=options.label_column or base.label_column,
+    )
 
-    if task in GLUE_TASKS:
-        base = GLUE_TASKS[task]
-        spec = TaskSpec(
-            task,
-            (text_column, text_pair_column) if text_column and text_pair_column else base.text_columns,
-            label_column or base.label_column,
-            base.metrics,
-            base.kind,
+
+def load_task(options: DataOptions) -> TaskData:
+    """A classification or regression task: the offline default, a GLUE task (from its hub dataset
+    or `options.dataset`), local files, or any dataset with the columns `options` names. Without a
+    validation file or split, every 5th training row is held out."""
+    if options.offline_default and options.task in (None, DEFAULT_TASK):
+        return pydoc_topic_task()
+    spec = _spec(options)
+    if options.train_file is not None:
+        train = _rows(load_raw(options.train_file)["train"], spec, f"train file {options.train_file!r}")
+        held_ds = load_raw(options.validation_file)["train"] if options.validation_file else None
+        where = f"validation file {options.validation_file!r}"
+    elif options.dataset is not None or spec.hub is not None:
+        name = options.dataset or spec.hub[0]
+        train_ds, held_ds = load_splits(
+            name,
+            options.dataset_config or (None if options.dataset else spec.hub[1]),
+            options.split or "train",
+            options.validation_split,
+            (spec.eval_split, "validation", "test"),
+            hint="pass --train-file",
         )
-    elif task not in (None, DEFAULT_TASK):
-        raise UsageError(f"unknown task {task!r} (known: {', '.join(TASK_NAMES)})")
+        train, where = _rows(train_ds, spec, f"dataset {name!r}"), f"dataset {name!r}"
     else:
-        cols = (text_column or "text",) + ((text_pair_column,) if text_pair_column else ())
-        kind = "regression" if regression else "classification"
-        metrics = ("pearson", "spearman") if regression else ("accuracy", "macro_f1")
-        spec = TaskSpec("local", cols, label_column or "label", metrics, kind)
-    train_ds = load_raw(train_file)["train"]
-    train = _rows(train_ds, spec, f"train file {train_file!r}")
-    if validation_file:
-        held = _rows(load_raw(validation_file)["train"], spec, f"validation file {validation_file!r}")
+        raise UsageError("--validation-file needs --train-file")
+    if held_ds is not None:
+        held = _rows(held_ds, spec, where)
     else:
         held = [r for i, r in enumerate(train) if i % 5 == 4]
         train = [r for i, r in enumerate(train) if i % 5 != 4]
     if not train or not held:
-        raise UsageError(f"train file {train_file!r} has too few labelled rows")
+        raise UsageError(f"{spec.name}: too few labelled rows to train and evaluate on")
     return TaskData(spec, train, held, _encode_labels(train, held, spec))
-
-
-def _load_glue(spec: TaskSpec):
-    import datasets
-
-    name, config = spec.hub
-    if offline():
-        raise UsageError(f"GLUE task {spec.name!r} needs the hub, which is offline; pass --train-file")
-    try:
-        return datasets.load_dataset(name, config)
-    except Exception as exc:
-        raise UsageError(f"cannot load GLUE task {spec.name!r} from the hub: {first_line(exc)}") from None

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import time
 import zipfile
 
@@ -40,22 +39,6 @@ EMBEDDED_NAME = "all-MiniLM-L6-v2 (embedded)"
 
 # ---------------------------------------------------------------------------------------------
 # Checks that need no weights
-
-
-def check_writable(path: str) -> None:
-    """A one-line UsageError now where `path`, a directory or file created later, could not be:
-    under a file, in /proc, in a read-only place."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"cannot write {path!r}: {parent!r} is a file")
-    try:
-        tempfile.TemporaryDirectory(dir=parent).cleanup()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write {path!r}: cannot create files in {parent!r} ({exc.strerror})"
-        ) from None
 
 
 class _Stub:
@@ -153,7 +136,6 @@ def _prepare(config: FinetuneConfig):
     """Every check that needs no weights, cheapest first. Returns the resolved config, the
     working directory, the model name, the source model's report and masks, and TrainingArguments."""
     partial = A.check_output_dir(config.output_dir, config.overwrite, config.resume_from_checkpoint)
-    check_writable(config.output_dir)
     if config.resume_from_checkpoint:
         A.check_checkpoint(config.resume_from_checkpoint)
     model_name, _ = resolve_model(config.model)
@@ -223,7 +205,7 @@ class _Classification:
         else:
             kwargs["id2label"] = dict(enumerate(self.data.label_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(self.data.label_names)}
-        return load_pretrained(AutoModelForSequenceClassification, name, **kwargs)
+        return load_pretrained(AutoModelForSequenceClassification, name, quiet=True, **kwargs)
 
     def _encode(self, tokenizer, rows: list[dict]) -> list[dict]:
         pairs = [r["text_pair"] for r in rows] if rows[0]["text_pair"] is not None else None
@@ -275,7 +257,7 @@ class _QuestionAnswering:
     def model(self, name: str, **kwargs):
         from transformers import AutoModelForQuestionAnswering
 
-        return load_pretrained(AutoModelForQuestionAnswering, name, **kwargs)
+        return load_pretrained(AutoModelForQuestionAnswering, name, quiet=True, **kwargs)
 
     def features(self, tokenizer) -> tuple[list[dict], dict]:
         cfg = self.cfg
@@ -419,7 +401,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     if config.output is not None:
         if os.path.isdir(config.output):
             raise UsageError(f"--output {config.output!r} is a directory")
-        check_writable(config.output)
+        A._check_writable(os.path.dirname(os.path.abspath(config.output)), config.output)
     model_name, _ = resolve_model(config.model_dir)
     cfg = config.resolved(max_positions(model_name, None))
     task = _QuestionAnswering(cfg, need_train=False)
