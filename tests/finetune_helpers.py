@@ -3,6 +3,7 @@ offline question-answering text, SQuAD JSON built from rows (no hub access), and
 command fails with one line."""
 
 import collections
+import csv
 import re
 
 import pytest
@@ -80,3 +81,40 @@ def eager_single_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+CARD = """---
+configs:
+- config_name: sst2
+  data_files:
+  - split: train
+    path: sst2/train.csv
+  - split: validation
+    path: sst2/validation.csv
+- config_name: stsb
+  data_files:
+  - split: train
+    path: stsb/train.csv
+---
+A GLUE-shaped dataset repository, kept locally.
+"""
+
+
+def write_rows(path, rows) -> None:
+    """`rows` (dicts) as a CSV file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_glue_repo(root) -> str:
+    """A dataset repository laid out as on the hub: a README dataset card declaring two
+    configurations, sst2 (train and validation splits) and stsb (train only)."""
+    for split, n in (("train", 20), ("validation", 6)):
+        write_rows(root / "sst2" / f"{split}.csv", [{"sentence": f"s{i}", "label": i % 2} for i in range(n)])
+    pairs = [{"sentence1": f"a{i}", "sentence2": "b", "label": i / 4} for i in range(15)]
+    write_rows(root / "stsb" / "train.csv", pairs)
+    (root / "README.md").write_text(CARD)
+    return str(root)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from finetune_helpers import eager_single_thread, fails  # noqa: E402, F401
+from finetune_helpers import eager_single_thread, fails, write_glue_repo  # noqa: E402, F401
 from tiny_bert import write_task_csv, write_task_jsonl, write_text, write_tiny_bert  # noqa: E402
 
 from rpp_triton.cli import main  # noqa: E402
@@ -79,3 +79,142 @@ def test_unknown_task(files, tmp_path, capsys):
         capsys,
         "nope",
     )
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Fail the test if a task model starts loading: the errors under test must come first."""
+    from rpp_triton.training import finetune as FT
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model started loading")
+
+    monkeypatch.setattr(FT._Classification, "model", never)
+    monkeypatch.setattr(FT._QuestionAnswering, "model", never)
+
+
+def test_bad_options_fail_in_one_line_before_any_work(files, tmp_path, capsys, no_heavy_work):
+    out = tmp_path / "out"
+    base = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir", str(out)]
+    fails([*base, "--epochs", "nan"], capsys, "--epochs must be a finite number")
+    fails([*base, "--lr", "inf"], capsys, "--lr must be a finite number")
+    fails([*base, "--max-length", "100000"], capsys, "--max-length 100000", "64 positions")
+    fails([*base, "--regression"], capsys, "regression needs numeric labels, got 'yes'")
+    fails([*base, "--warmup-ratio", "1.5"], capsys, "--warmup-ratio")
+    fails([*base, "--lr_scheduler_type", "sometimes"], capsys, "sometimes is not a valid SchedulerType")
+    fails([*base, "--report_to", "carrier-pigeon"], capsys, "carrier-pigeon is not supported")
+    fails([*base, "--bf16", "--fp16"], capsys, "alternatives")
+    fails([*base, "--task", "squad", "--text-column", "body"], capsys, "--text-column does not apply")
+    fails([*base, "--doc-stride", "8"], capsys, "--doc-stride does not apply")
+    if not torch.cuda.is_available():
+        fails([*base, "--fp16"], capsys, "--fp16 needs a CUDA device")
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_unwritable_output_directory(files, tmp_path, capsys, no_heavy_work):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    base = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir"]
+    fails([*base, str(a_file / "out")], capsys, "which is a file")
+    fails([*base, "/proc/rpp-finetune-out"], capsys, "/proc")
+
+
+@pytest.mark.parametrize("block", [[0, 0], "16", [-16, 16]], ids=str)
+def test_bad_block_size_in_the_source_report(files, tmp_path, capsys, monkeypatch, block):
+    import shutil
+
+    from rpp_triton.training import finetune as FT
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data started loading")
+
+    monkeypatch.setattr(FT, "load_task", never)
+    src = tmp_path / "pruned"
+    shutil.copytree(files["model"], src)
+    (src / "rpp_report.json").write_text(json.dumps({"sparsity": 0.5, "block_size": block}))
+    argv = [
+        "finetune",
+        "--model",
+        str(src),
+        "--train-file",
+        files["jsonl"],
+        "--output-dir",
+        str(tmp_path / "o"),
+    ]
+    fails(argv, capsys, "block_size must be two positive integers")
+    assert not (tmp_path / "o.partial").exists()
+
+
+def test_transformers_flag_names_reach_training_arguments(files, tmp_path, capsys):
+    from rpp_triton.training.finetune import saved_training_args
+
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model_name_or_path", files["model"], "--train_file", files["jsonl"]]
+    argv += ["--output_dir", str(out), "--learning_rate", "1e-3", "--per_device_train_batch_size", "4"]
+    argv += ["--num_train_epochs", "1", "--max_steps", "3", "--weight_decay", "0.05", "--seed", "3"]
+    argv += ["--gradient_accumulation_steps", "2", "--warmup_ratio", "0.2", "--lr_scheduler_type", "cosine"]
+    assert main([*argv, "--report_to", "none", "--max_seq_length", "32"]) == 0
+    saved = saved_training_args(str(out))
+    want = {
+        "learning_rate": 1e-3,
+        "per_device_train_batch_size": 4,
+        "max_steps": 3,
+        "weight_decay": 0.05,
+        "seed": 3,
+        "gradient_accumulation_steps": 2,
+        "warmup_steps": 0.2,
+        "lr_scheduler_type": "cosine",
+        "report_to": [],
+    }
+    assert {k: saved[k] for k in want} == want
+    report = json.loads((out / "finetune_report.json").read_text())
+    assert report["steps"] == 3 and report["max_length"] == 32
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "--lr LR, --learning_rate LR" in capsys.readouterr().out
+
+
+def test_bf16_runs_the_model_in_bfloat16(files, tmp_path, monkeypatch):
+    from rpp_triton.training import finetune as FT
+
+    seen, load = [], FT._Classification.model
+
+    def model_with_probe(self, name):
+        model = load(self, name)
+        model.classifier.register_forward_hook(lambda m, args, out: seen.append((m.training, out.dtype)))
+        return model
+
+    monkeypatch.setattr(FT._Classification, "model", model_with_probe)
+    argv = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir"]
+    assert main([*argv, str(tmp_path / "ft"), "--max-steps", "2", "--max-length", "32", "--bf16"]) == 0
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+
+
+def test_resume_refuses_other_seed_or_learning_rate(files, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--max-length", "32"]
+    first = ["--output-dir", str(run), "--max-steps", "4", "--save-steps", "2", "--keep-checkpoints"]
+    assert main([*argv, *first]) == 0
+    capsys.readouterr()
+    again = ["--output-dir", str(tmp_path / "again"), "--resume-from-checkpoint", str(run / "checkpoint-2")]
+    fails([*argv, *again, "--seed", "1"], capsys, "different settings", "--seed 0 (now 1)")
+    fails([*argv, *again, "--lr", "0.001"], capsys, "different settings", "--lr 0.0001 (now 0.001)")
+    assert main([*argv, *again, "--max-steps", "4"]) == 0
+    report = json.loads((tmp_path / "again" / "finetune_report.json").read_text())
+    assert report["steps"] == 4
+
+
+def test_glue_task_from_a_local_dataset_repository(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_glue_repo(tmp_path / "myorg" / "glue-copy")
+    argv = ["finetune", "--model", files["model"], "--task", "sst2", "--dataset", "myorg/glue-copy"]
+    argv += ["--dataset_config_name", "sst2", "--max-steps", "2", "--max-length", "16"]
+    assert main([*argv, "--output-dir", "ft"]) == 0
+    report = json.loads((tmp_path / "ft" / "finetune_report.json").read_text())
+    assert report["task"] == "sst2" and report["train_examples"] == 20 and report["eval_examples"] == 6
+    assert not (tmp_path / "runs").exists()  # logs stay inside the run directory
+    capsys.readouterr()
+    fails([*argv, "--output-dir", "o", "--split", "dev"], capsys, "has no split 'dev'")
+    fails([*argv, "--output-dir", "o", "--dataset", "myorg/elsewhere"], capsys, "hub is offline")

@@ -64,6 +64,7 @@ STANDARD_NAMES = {
     "--max-length": "--max_seq_length",
     "--doc-stride": "--doc_stride",
     "--max-answer-length": "--max_answer_length",
+    "--null-threshold": "--null_score_diff_threshold",
 }
 
 

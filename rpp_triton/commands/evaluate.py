@@ -9,7 +9,12 @@ the scores, and with --output writes them (with the answers and null margins) as
 
 from __future__ import annotations
 
-from rpp_triton.commands.common import add_dataset_arguments, add_input_arguments, add_standard_names
+from rpp_triton.commands.common import (
+    STANDARD_NAMES,
+    add_dataset_arguments,
+    add_input_arguments,
+    add_standard_names,
+)
 
 
 def register(subparsers) -> None:
@@ -28,8 +33,7 @@ def register(subparsers) -> None:
     add_input_arguments(p, "tokens per window (default 384; pydoc-qa 192)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", help="write the scores, answers and null margins to this JSON file")
-    add_standard_names(p, {"--batch-size": "--per_device_eval_batch_size"})
-    add_standard_names(p)
+    add_standard_names(p, {**STANDARD_NAMES, "--batch-size": "--per_device_eval_batch_size"})
     p.set_defaults(func=run)
 
 

@@ -1,5 +1,6 @@
-"""Where text comes from: local text/JSON/CSV files, hub datasets (through `datasets`), and the
-embedded default, Python's documentation topics (`pydoc_data.topics`), which needs no network."""
+"""Where text comes from: local text/JSON/CSV/Parquet files and dataset folders, hub datasets
+(through `datasets`, with their configurations and splits), and the embedded default, Python's
+documentation topics (`pydoc_data.topics`), which needs no network."""
 
 from __future__ import annotations
 

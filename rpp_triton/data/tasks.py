@@ -1,6 +1,8 @@
 """Downstream classification and regression tasks `finetune` knows: GLUE by name (each with its
-metric), local CSV/JSON files, and the offline `pydoc-topics` task (which documentation topic a
-passage comes from)."""
+metric, from its hub dataset or any copy of it), local CSV/JSON files, any dataset with the columns
+named, and the offline `pydoc-topics` task (which documentation topic a passage comes from). Labels
+a task cannot score are refused in one line: non-numbers for regression, anything but 0/1 where the
+F1 of the positive class is reported."""
 
 from __future__ import annotations
 
