@@ -118,29 +118,25 @@ def adamw_step_ref(
     beta2,
     eps,
     weight_decay,
-    trust=1.0,
+    lamb=False,
+    inv_bias1=1.0,
     soft_tau=None,
     reweight_eps=1e-3,
     reweight=False,
 ):
     """In place: p <- z (or soft_threshold(z, soft_tau * alpha) for 1x1 pruning), m, v <- moments.
+    With `lamb`, z is LAMB's update: AdamW's scaled by `lamb_trust_ref` (`inv_bias1` = 1 / (1 -
+    beta1**t)).
 
     Elements whose gradient is NaN or Inf are left as they were (p, m, v, alpha) and counted;
     the count comes back as a 0-d int64 tensor (no host sync).
     """
+    moments = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    trust = 1.0
+    if lamb:
+        trust = lamb_trust_ref(p, g, m, v, **moments, inv_bias1=inv_bias1, inv_sqrt_bias2=inv_sqrt_bias2)
     z, m_new, v_new = adamw_ref(
-        p,
-        g,
-        m,
-        v,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        step_size=step_size,
-        inv_sqrt_bias2=inv_sqrt_bias2,
-        trust=trust,
+        p, g, m, v, lr=lr, step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2, trust=trust, **moments
     )
     bad = g.isfinite().logical_not()
     if soft_tau is not None:
@@ -188,16 +184,16 @@ def rpp_step_ref(
     prune: bool = True,
     frozen: bool = False,
     reweight: bool = False,
-    trust: float | torch.Tensor = 1.0,
+    lamb: bool = False,
+    inv_bias1: float = 1.0,
 ) -> torch.Tensor:
     """One RPP step for one parameter, in place on p, m, v (and alpha on reweight steps).
 
     `step_size, inv_sqrt_bias2 = adam_scalars(lr, beta1, beta2, t)` with t the parameter's step count.
-    z = AdamW(p) with its update scaled by `trust` (LAMB's `lamb_trust_ref`; 1 for AdamW);
-    not pruned: p = z;  frozen: p = z * mask;  otherwise p = prox(z, lr * rpp_lambda * alpha) per
-    tile and, on reweight steps, alpha = 1 / (rms(p_B) + reweight_eps).
-    Elements with a NaN or Inf gradient skip the Adam update (their z is the old p); returns how
-    many, as a 0-d int64 tensor.
+    z = AdamW(p), or with `lamb` LAMB's update (`inv_bias1` = 1 / (1 - beta1**t));  not pruned:
+    p = z;  frozen: p = z * mask;  otherwise p = prox(z, lr * rpp_lambda * alpha) per tile and, on
+    reweight steps, alpha = 1 / (rms(p_B) + reweight_eps). Elements with a NaN or Inf gradient
+    skip the Adam update (their z is the old p); returns how many, as a 0-d int64 tensor.
     """
     adam = dict(
         step_size=step_size,
@@ -207,7 +203,8 @@ def rpp_step_ref(
         beta2=beta2,
         eps=eps,
         weight_decay=weight_decay,
-        trust=trust,
+        lamb=lamb,
+        inv_bias1=inv_bias1,
     )
     pruning = prune and not frozen
     if pruning and block == (1, 1):

@@ -1,9 +1,10 @@
 """RPPAdamW and RPPLamb: AdamW or LAMB followed by a reweighted-l1 (group-l2 over tiles) proximal step.
 
-The maths is in `rpp_triton.kernels.adam_prox` (`rpp_step_ref`, `lamb_trust_ref`); this module keeps
+The maths is in `rpp_triton.kernels.adam_prox` (`rpp_step_ref`); this module keeps
 the state, validates input and dispatches each group to the Triton kernel or the PyTorch path.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -16,7 +17,6 @@ from rpp_triton.backend import check_backend, resolve
 from rpp_triton.kernels.adam_prox import (
     adam_scalars,
     adamw_step_ref,
-    lamb_trust_ref,
     rpp_step_ref,
     tile_prox_step_ref,
 )
@@ -31,6 +31,19 @@ def _compile_enabled() -> bool:
 
 
 _compiled: dict = {}
+
+
+@contextlib.contextmanager
+def _recompile_limit(at_least: int):
+    """Dynamo's recompile limit raised to `at_least` inside the block, the user's value after it
+    (a plain save and restore, ~8 us; `config.patch` took ~90 us, once per tensor and step)."""
+    config = torch._dynamo.config
+    saved = config.recompile_limit
+    config.recompile_limit = max(saved, at_least)
+    try:
+        yield
+    finally:
+        config.recompile_limit = saved
 
 
 def _fast(fn, **constants):
@@ -51,9 +64,8 @@ def _fast(fn, **constants):
         # Every variant (mode flags, tile shape, gradient dtype, size-1 specialisations) is a
         # recompile of the same code object: allow more than dynamo's default of 8, for these calls
         # only (the user's own setting is back in place afterwards).
-        limit = max(torch._dynamo.config.recompile_limit, 64)
         try:
-            with torch._dynamo.config.patch(recompile_limit=limit):
+            with _recompile_limit(64):
                 return compiled(*args, **kwargs)
         except Exception as exc:
             warnings.warn(f"torch.compile of {fn.__name__} failed ({exc}); using eager PyTorch", stacklevel=2)
@@ -259,8 +271,9 @@ class _RPPOptimizer(torch.optim.Optimizer):
     def _step_torch(self, group: dict, params: list, states: list) -> None:
         beta1, beta2 = group["betas"]
         block = group["block_size"]
-        moments = dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
-        adam = dict(lr=group["lr"], **moments)
+        adam = dict(
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"]
+        )
         tau = group["lr"] * group["rpp_lambda"]
         for p, state in zip(params, states):
             if p.numel() == 0:
@@ -274,20 +287,13 @@ class _RPPOptimizer(torch.optim.Optimizer):
             dense = w.contiguous()
             g = p.grad.detach().reshape(-1)
             flat = [dense.view(-1), g, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)]
-            trust = 1.0
-            if self.trust_ratio:
-                trust = _fast(lamb_trust_ref)(
-                    *flat,
-                    **moments,
-                    inv_bias1=_inv_bias1(beta1, state["step"]),
-                    inv_sqrt_bias2=inv_sqrt_bias2,
-                )
+            adam["inv_bias1"] = _inv_bias1(beta1, state["step"])
             if flags["prune"] and not flags["frozen"] and block != (1, 1):
                 # Tiles: Adam in one compiled pass, then PyTorch's own reduction for the tile norms
                 # and one in-place broadcast multiply (compiled, the tile view made inductor emit
                 # several strided loops: ~90x slower than these two eager ops on [3072, 768]).
-                skipped = _fast(adamw_step_ref)(
-                    *flat, step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2, trust=trust, **adam
+                skipped = _fast(adamw_step_ref, lamb=self.trust_ratio)(
+                    *flat, step_size=step_size, inv_sqrt_bias2=inv_sqrt_bias2, **adam
                 )
                 tile_prox_step_ref(
                     dense,
@@ -300,7 +306,7 @@ class _RPPOptimizer(torch.optim.Optimizer):
             else:
                 # Elementwise (unpruned, 1x1 or frozen): the whole step is one fused pass.
                 alpha, mask = state.get("alpha"), state.get("mask") if flags["frozen"] else None
-                skipped = _fast(rpp_step_ref, block=(1, 1), **flags)(
+                skipped = _fast(rpp_step_ref, block=(1, 1), lamb=self.trust_ratio, **flags)(
                     *flat,
                     alpha.view(-1) if alpha is not None else None,
                     mask.view(-1) if mask is not None else None,
@@ -308,7 +314,6 @@ class _RPPOptimizer(torch.optim.Optimizer):
                     inv_sqrt_bias2=inv_sqrt_bias2,
                     rpp_lambda=group["rpp_lambda"],
                     reweight_eps=group["reweight_eps"],
-                    trust=trust,
                     **adam,
                 )
             state["nonfinite"] += skipped

@@ -81,7 +81,6 @@ def test_kernel_matches_reference(mode, block, shapes, gdtype, reweight, lamb):
     moments = {k: v for k, v in HP.items() if k != "lr"}
     for i in range(len(shapes)):
         rp, rm, rv, ra = (ts[i] for ts in ref)
-        trust = 1.0
         if lamb:
             trust = lamb_trust_ref(
                 rp, gs[i], rm, rv, **moments, inv_bias1=inv_bias1, inv_sqrt_bias2=inv_sqrt_bias2
@@ -92,7 +91,7 @@ def test_kernel_matches_reference(mode, block, shapes, gdtype, reweight, lamb):
         rpp_step_ref(
             rp, gs[i], rm, rv, alpha, mask, **HP, **sc, rpp_lambda=2.0, reweight_eps=1e-3,
             block=block if mode == MODE_TILES else (1, 1), prune=mode != MODE_ADAMW,
-            frozen=mode == MODE_FROZEN, reweight=reweight, trust=trust,
+            frozen=mode == MODE_FROZEN, reweight=reweight, lamb=lamb, inv_bias1=inv_bias1,
         )  # fmt: skip
         torch.testing.assert_close(ps[i], rp, **TOL[gdtype])
         torch.testing.assert_close(ms[i], rm, **TOL[gdtype])
