@@ -1,4 +1,4 @@
-"""One RPP optimizer step against AdamW, on BERT-sized parameter sets.
+"""One RPP optimizer step (RPPAdamW, RPPLamb) against AdamW, on BERT-sized parameter sets.
 
     python -m pytest bench/bench_adam_prox.py -q --benchmark-json=bench/results/adam_prox_cpu.json
 
@@ -6,44 +6,38 @@ Groups (one per device x parameter set x tile), candidates side by side with the
 - `adamw_fused`: torch.optim.AdamW(fused=True) alone (the baseline of every group);
 - `adamw_foreach`: torch.optim.AdamW(foreach=True);
 - `adamw_fused+torch_prox` (GPU): fused AdamW followed by the PyTorch prox/reweight ops, unfused;
-- `rpp_torch`: RPPAdamW(backend="torch") (compiled on the CPU; compilation is outside the timing);
-- `rpp_triton` (GPU): RPPAdamW(backend="triton"), the fused kernel.
+- `lamb_torch_ops+torch_prox`: LAMB written as plain PyTorch (foreach) ops, then the same prox ops;
+- `rpp_torch`, `rpp_lamb_torch`: RPPAdamW / RPPLamb(backend="torch") (compiled on the CPU;
+  compilation is outside the timing);
+- `rpp_triton`, `rpp_lamb_triton` (GPU): the fused kernels.
 The GPU cases also time a device-to-device copy of the same bytes, so the fused step's GB/s reads
 as a fraction of the card's measured copy bandwidth. Bytes per element counted: read p, g, m, v
-(+ alpha for 1x1 tiles) and write p, m, v: 28 (32 with elementwise alpha).
+(+ alpha for 1x1 tiles) and write p, m, v: 28 (32 with elementwise alpha); LAMB's norm pass reads
+p, g, m, v once more: 44 (48).
 """
-
-import os
 
 import pytest
 import torch
+from _common import ENCODER_SHAPES as SETS
+from _common import cpu_threads, device_name, median_seconds, record
 
 import rpp_triton as rpp
 from rpp_triton.tiles import tiles_4d
 
 HAS_CUDA = torch.cuda.is_available()
-# One thread by default: with 2 OpenMP threads on a 2-core machine that anything else is using, a
-# thread that loses its core stalls the other at every barrier (fused AdamW went from 42 to 580 ms).
-CPU_THREADS = int(os.environ.get("RPP_BENCH_CPU_THREADS", "1"))
-
-
-def bert_shapes(layers: int, hidden: int, ffn: int) -> list[tuple[int, int]]:
-    """The pruned tensors of a BERT encoder: per layer q, k, v, out [h, h], ffn in [4h, h], out [h, 4h]."""
-    return [s for _ in range(layers) for s in [(hidden, hidden)] * 4 + [(ffn, hidden), (hidden, ffn)]]
-
-
-SETS = {
-    "bert-base": bert_shapes(12, 768, 3072),  # 85M weights
-    "bert-large": bert_shapes(24, 1024, 4096),  # 302M weights
-}
 CPU_CASES = [("bert-base", 1), ("bert-base", 32)]
 GPU_CASES = [("bert-base", 1), ("bert-base", 32), ("bert-large", 1), ("bert-large", 32)]
-CPU_IMPLS = ["adamw_fused", "adamw_foreach", "rpp_torch"]
-GPU_IMPLS = ["adamw_fused", "adamw_fused+torch_prox", "rpp_torch", "rpp_triton", "copy"]
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+CPU_IMPLS = ["adamw_fused", "adamw_foreach", "rpp_torch", "lamb_torch_ops+torch_prox", "rpp_lamb_torch"]
+GPU_IMPLS = [
+    "adamw_fused",
+    "adamw_fused+torch_prox",
+    "rpp_torch",
+    "rpp_triton",
+    "lamb_torch_ops+torch_prox",
+    "rpp_lamb_triton",
+    "copy",
+]
+OPTIMIZERS = {"rpp": rpp.RPPAdamW, "rpp_lamb": rpp.RPPLamb}
 
 
 def make_params(shapes, device):
@@ -78,6 +72,35 @@ def torch_prox(params, alphas, tau, block, reweight_eps=1e-3):
             alpha.copy_(1.0 / (scale * rms + reweight_eps))
 
 
+def lamb_torch_ops(params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    """LAMB as plain PyTorch (foreach) ops, the way a user would write it: a step function."""
+    beta1, beta2 = betas
+    ms = [torch.zeros_like(p) for p in params]
+    vs = [torch.zeros_like(p) for p in params]
+    steps = [0]
+
+    @torch.no_grad()
+    def step():
+        steps[0] += 1
+        t = steps[0]
+        grads = [p.grad for p in params]
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, 1 - beta2)
+        denom = torch._foreach_div(vs, 1 - beta2**t)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        r = torch._foreach_div(ms, denom)
+        torch._foreach_div_(r, 1 - beta1**t)
+        torch._foreach_add_(r, params, alpha=weight_decay)
+        p_norms, r_norms = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(r))
+        trust = torch.where((p_norms > 0) & (r_norms > 0), p_norms / r_norms, 1.0)
+        torch._foreach_mul_(r, list((-lr * trust).unbind()))
+        torch._foreach_add_(params, r)
+
+    return step
+
+
 def make_step(impl, params, tile, device):
     block = (tile, tile)
     lr, lam = 1e-4, 1e-2
@@ -85,15 +108,19 @@ def make_step(impl, params, tile, device):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True).step
     if impl == "adamw_foreach":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True).step
-    if impl == "adamw_fused+torch_prox":
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
+    if impl in ("adamw_fused+torch_prox", "lamb_torch_ops+torch_prox"):
+        update = (
+            torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True).step
+            if impl.startswith("adamw")
+            else lamb_torch_ops(params, lr)
+        )
         alphas = [
             torch.ones(p.shape if tile == 1 else (p.shape[0] // tile, p.shape[1] // tile), device=device)
             for p in params
         ]
 
         def step():
-            opt.step()
+            update()
             torch_prox([p.data for p in params], alphas, lr * lam, block)
 
         return step
@@ -101,22 +128,22 @@ def make_step(impl, params, tile, device):
         src = [p.grad for p in params]
         dst = [torch.empty_like(p) for p in params]
         return lambda: torch._foreach_copy_(dst, src)
-    backend = {"rpp_torch": "torch", "rpp_triton": "triton"}[impl]
-    opt = rpp.RPPAdamW(params, lr=lr, rpp_lambda=lam, block_size=tile, reweight_every=1, backend=backend)
+    name, backend = impl.rsplit("_", 1)
+    opt = OPTIMIZERS[name](params, lr=lr, rpp_lambda=lam, block_size=tile, reweight_every=1, backend=backend)
     return opt.step
 
 
 def step_bytes(impl, numel, tile):
     if impl == "copy":
         return 8 * numel  # read + write fp32
-    if impl.startswith("rpp") and tile == 1:
-        return 32 * numel
-    return 28 * numel
+    alpha = 4 if impl.startswith("rpp") and tile == 1 else 0
+    norms = 16 if "lamb" in impl else 0
+    return (28 + alpha + norms) * numel
 
 
 def run_case(benchmark, device, set_name, tile, impl, rounds):
     if device == "cpu":
-        torch.set_num_threads(CPU_THREADS)
+        torch.set_num_threads(cpu_threads())
     params = make_params(SETS[set_name], device)
     step = make_step(impl, params, tile, device)
     for _ in range(2):  # compile and warm up outside the timing
@@ -132,15 +159,16 @@ def run_case(benchmark, device, set_name, tile, impl, rounds):
     benchmark.group = f"{device} rpp step {set_name} tile={tile} fp32"
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1)
     numel = sum(p.numel() for p in params)
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(
+    info = dict(
         impl=impl,
         baseline=impl == "adamw_fused",
         shape=f"{len(params)} tensors, {numel / 1e6:.1f}M fp32 weights",
         dtype="float32",
         tile=[tile, tile],
         device=device_name(device),
-        gbps=step_bytes(impl, numel, tile) / seconds / 1e9,
+    )
+    record(
+        benchmark, median_seconds(benchmark), info, per_second={"gbps": step_bytes(impl, numel, tile) / 1e9}
     )
 
 
