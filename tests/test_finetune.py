@@ -3,6 +3,7 @@ were, local files with string labels, and unknown tasks refused in one line."""
 
 import json
 import os
+import pickle
 import sys
 
 import pytest
@@ -19,12 +20,10 @@ from rpp_triton.cli import main  # noqa: E402
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("finetune")
-    return {
-        "root": root,
-        "model": write_tiny_bert(root / "model"),
-        "task": write_task_csv(root / "task.csv", 80),
-        "jsonl": write_task_jsonl(root / "task.jsonl", 40),
-    }
+    files = {"root": root, "model": write_tiny_bert(root / "model")}
+    files["task"] = write_task_csv(root / "task.csv", 80)
+    files["jsonl"] = write_task_jsonl(root / "task.jsonl", 40)
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +217,31 @@ def test_glue_task_from_a_local_dataset_repository(files, tmp_path, monkeypatch,
     capsys.readouterr()
     fails([*argv, "--output-dir", "o", "--split", "dev"], capsys, "has no split 'dev'")
     fails([*argv, "--output-dir", "o", "--dataset", "myorg/elsewhere"], capsys, "hub is offline")
+
+
+class _Remove:
+    """Unpickled by plain pickle, this would delete `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.remove, (self.path,)
+
+
+def test_training_args_are_read_without_running_the_pickle(tmp_path, caplog):
+    import zipfile
+
+    from rpp_triton.training.finetune import check_resume_settings, saved_training_args
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    assert saved_training_args(str(tmp_path)) is None  # no training_args.bin
+    with zipfile.ZipFile(tmp_path / "training_args.bin", "w") as z:
+        z.writestr("training_args/data.pkl", pickle.dumps(_Remove(str(precious)), protocol=2))
+    saved_training_args(str(tmp_path))
+    assert precious.read_text() == "keep me"
+    (tmp_path / "training_args.bin").write_bytes(b"not a zip file")
+    with caplog.at_level("WARNING"):
+        check_resume_settings(str(tmp_path), targs=None)
+    assert "settings are not checked" in caplog.text

@@ -39,9 +39,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from rpp_triton.training.config import EvaluateConfig, from_namespace
-
-    config = from_namespace(EvaluateConfig, args)
     from rpp_triton.training.finetune import evaluate
 
-    evaluate(config)
+    evaluate(from_namespace(EvaluateConfig, args))
     return 0

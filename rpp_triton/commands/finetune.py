@@ -61,9 +61,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from rpp_triton.training.config import FinetuneConfig, from_namespace
-
-    config = from_namespace(FinetuneConfig, args)
     from rpp_triton.training.finetune import finetune
 
-    finetune(config)
+    finetune(from_namespace(FinetuneConfig, args))
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -36,6 +37,7 @@ from rpp_triton.training.hub import load_pretrained, max_positions, resolve_mode
 from rpp_triton.training.trainer import make_trainer_class, pruned_named_params, ranks_agree
 
 EMBEDDED_NAME = "all-MiniLM-L6-v2 (embedded)"
+log = logging.getLogger("rpp_triton.finetune")
 
 # ---------------------------------------------------------------------------------------------
 # Checks that need no weights
@@ -91,7 +93,7 @@ def check_resume_settings(checkpoint: str, targs) -> None:
     """Refuse, in one line, to resume a checkpoint with other training settings than its own."""
     saved = saved_training_args(checkpoint)
     if saved is None:
-        print(f"warning: {checkpoint} has no readable training_args.bin; its settings are not checked")
+        log.warning("%s has no readable training_args.bin; its settings are not checked", checkpoint)
         return
     differ = []
     for key, name in RESUMED_SETTINGS.items():
@@ -409,7 +411,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     model, info = task.model(model_name, output_loading_info=True)
     fresh = any("qa_outputs" in k for k in info.get("missing_keys", ()))
     if fresh:
-        print(f"warning: {model_name} has no question-answering head; scoring a randomly initialised one")
+        log.warning("%s has no question-answering head; scoring a randomly initialised one", model_name)
     metrics, answers, margins = task.score(model, tokenizer)
     _show(task.name, metrics, task.shown)
     if "best_f1" in metrics:
