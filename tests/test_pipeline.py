@@ -288,3 +288,30 @@ def test_rpp_lambda_zeroes_the_scheduled_share_and_sampling_keeps_it(block):
     sampled = C.RPPController(opt, 0.6, block, 0, 10, 0)
     sampled.SAMPLE = scores.numel() // 4  # every 4th tile-row
     assert sampled._lambda_for(0.6) == pytest.approx(lam, rel=0.15)
+
+
+def test_lamb_with_accumulation_and_bf16_standard_flags(files, tmp_path):
+    report = prune(
+        files,
+        tmp_path / "lamb",
+        "--optimizer",
+        "lamb",
+        "--gradient_accumulation_steps",
+        "2",
+        "--bf16",
+        "--warmup_ratio",
+        "0.2",
+        steps=12,
+        target=0.5,
+    )
+    assert (report["optimizer"], report["precision"], report["gradient_accumulation_steps"]) == (
+        "lamb",
+        "bf16",
+        2,
+    )
+    assert report["lr_scheduler_type"] == "polynomial"
+    # LAMB's default rate grows with the square root of the total batch: 8 blocks x 2 accumulated,
+    # against the reference batch of 32 of a run off the embedded default
+    assert report["lr"] == pytest.approx(2e-4 * (16 / 32) ** 0.5)
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert all(np.isfinite(v) for v in report["quality"]["pruned"].values())

@@ -9,6 +9,21 @@ import re
 from rpp_triton.errors import UsageError
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help where the help does not already say its default and
+    there is one to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def block_size_arg(text: str) -> tuple[int, int]:
     """`32`, `32x32` or `16x32` -> (bh, bw)."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:[xX,]\s*(\d+))?\s*", str(text))
@@ -79,20 +94,25 @@ def add_standard_names(parser: argparse.ArgumentParser, names: dict[str, str] = 
                 parser._option_string_actions[alias] = action
 
 
-def add_trainer_arguments(p, warmup_ratio: float = 0.1, lr_scheduler_type: str = "linear") -> None:
-    """`TrainingArguments` options a run passes straight through (see `TrainerOptions`)."""
+def add_trainer_arguments(
+    p, warmup_ratio: float | None = 0.1, lr_scheduler_type: str | None = "linear", by: str = "the optimizer"
+) -> None:
+    """`TrainingArguments` options a run passes straight through (see `TrainerOptions`). A default
+    of None is chosen later, by `by`."""
     g = p.add_argument_group("transformers TrainingArguments")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="batches per optimizer step")
     g.add_argument(
         "--warmup-ratio",
         type=float,
         default=warmup_ratio,
-        help=f"share of the steps with a rising learning rate (default {warmup_ratio:g})",
+        help="share of the steps with a rising learning rate "
+        f"(default: {by if warmup_ratio is None else format(warmup_ratio, 'g')})",
     )
     g.add_argument(
         "--lr-scheduler-type",
         default=lr_scheduler_type,
-        help=f"learning-rate schedule: linear, cosine, constant, ... (default {lr_scheduler_type})",
+        help="learning-rate schedule: linear, cosine, constant, polynomial, ... "
+        f"(default: {lr_scheduler_type or by})",
     )
     g.add_argument(
         "--report-to",

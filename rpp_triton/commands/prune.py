@@ -11,10 +11,15 @@ head).
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from rpp_triton.commands.common import add_run_arguments, block_size_arg
+from rpp_triton.commands.common import (
+    DefaultsFormatter,
+    add_run_arguments,
+    add_standard_names,
+    add_trainer_arguments,
+    block_size_arg,
+)
 from rpp_triton.errors import UsageError
 
 
@@ -23,7 +28,7 @@ def register(subparsers) -> None:
         "prune",
         help="prune a BERT-family model (RPP, or a baseline) on masked LM and/or distillation",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     src = p.add_argument_group("model and data")
     src.add_argument("--model", help="hub name or local directory (default: the shipped all-MiniLM-L6-v2)")
@@ -76,7 +81,11 @@ def register(subparsers) -> None:
     steps.add_argument(
         "--batch-size", type=int, help="blocks per step and process (default 8 embedded, else 32)"
     )
-    steps.add_argument("--lr", type=float, default=2e-4)
+    steps.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (default 2e-4; LAMB: 2e-4 x sqrt(total batch / 8, or 32 off the default))",
+    )
     steps.add_argument("--weight-decay", type=float, default=0.0)
     steps.add_argument("--mlm-probability", type=float, default=0.15)
     steps.add_argument("--temperature", type=float, default=2.0, help="distillation temperature on logits")
@@ -96,7 +105,14 @@ def register(subparsers) -> None:
         help="with masked LM: also train a dense copy for the same steps and report it beside the "
         "pruned one (none: skip it, half the time); with distillation the starting model is the reference",
     )
+    add_trainer_arguments(
+        p,
+        warmup_ratio=None,
+        lr_scheduler_type=None,
+        by="0.1; constant_with_warmup for AdamW, polynomial for LAMB",
+    )
     add_run_arguments(p)
+    add_standard_names(p)
     p.set_defaults(func=run)
 
 

@@ -179,14 +179,13 @@ class _Run:
             per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.batch_size,
             learning_rate=cfg.lr,
-            lr_scheduler_type="constant_with_warmup",
-            warmup_steps=min(max(dense_steps, total // 10), 20),
             save_steps=cfg.save_steps or total,
             save_strategy="steps" if cfg.save_steps and checkpoints else "no",
             save_total_limit=None if cfg.keep_checkpoints else 2,
             logging_steps=cfg.logging_steps,
             seed=cfg.seed,
             eval_strategy="no",
+            **cfg.trainer_kwargs(),
         )
         if "mlm" not in self.objective_name:
             eval_blocks = [{k: v for k, v in b.items() if k != "labels"} for b in eval_blocks]
@@ -240,7 +239,7 @@ def prune(config: PruneConfig) -> dict:
     from transformers import AutoTokenizer
 
     started = time.time()
-    cfg = config.resolved()
+    cfg = config.resolved(A.world_size())
     partial = A.check_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume_from_checkpoint)
     controller_state = None
     if cfg.resume_from_checkpoint:
@@ -321,6 +320,9 @@ def prune(config: PruneConfig) -> dict:
         "seq_len": seq_len,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "precision": "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32",
         "seed": cfg.seed,
         "world_size": A.world_size(),
         "masks_identical_on_all_ranks": controller.ranks_agree,
