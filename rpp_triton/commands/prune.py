@@ -11,16 +11,14 @@ head).
 
 from __future__ import annotations
 
-import os
-
 from rpp_triton.commands.common import (
     DefaultsFormatter,
+    add_dataset_arguments,
     add_run_arguments,
     add_standard_names,
     add_trainer_arguments,
     block_size_arg,
 )
-from rpp_triton.errors import UsageError
 
 
 def register(subparsers) -> None:
@@ -36,6 +34,7 @@ def register(subparsers) -> None:
         "--dataset",
         help="hub name or local .txt/.json/.jsonl/.csv file (default: Python's documentation text)",
     )
+    add_dataset_arguments(src)
     src.add_argument("--text-column", help="column holding the text (JSON/CSV/hub datasets; default 'text')")
     src.add_argument("--teacher", help="distillation teacher directory (default: the starting dense model)")
 
@@ -120,8 +119,6 @@ def run(args) -> int:
     from rpp_triton.training.config import PruneConfig, from_namespace
 
     config = from_namespace(PruneConfig, args, block_size=block_size_arg(args.block_size))
-    if config.dataset and not os.path.exists(config.dataset) and os.path.splitext(config.dataset)[1]:
-        raise UsageError(f"dataset path {config.dataset!r} does not exist")
     from rpp_triton.training.prune import prune
 
     prune(config)

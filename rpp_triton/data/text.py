@@ -3,7 +3,7 @@ held-out text, local or hub datasets, fixed-length blocks, and a held-out set ma
 
 from __future__ import annotations
 
-from rpp_triton.data.sources import HELD_OUT_EVERY, load_raw, pydoc_paragraphs
+from rpp_triton.data.sources import HELD_OUT_EVERY, load_splits, pydoc_paragraphs
 from rpp_triton.errors import UsageError
 
 
@@ -15,11 +15,12 @@ def default_text() -> tuple[list[str], list[str]]:
     return train, held
 
 
-def load_text(name: str, text_column: str | None = None) -> tuple[list[str], list[str]]:
-    """Training and held-out text from a local file or hub dataset (held-out: its validation split,
-    else every 10th example)."""
-    raw = load_raw(name)
-    train = raw["train"] if "train" in raw else raw[next(iter(raw))]
+def load_text(
+    name: str, text_column: str | None = None, config: str | None = None, split: str | None = None
+) -> tuple[list[str], list[str]]:
+    """Training and held-out text from a local file or folder or a hub dataset: the `split`
+    (default train) and the dataset's validation or test split, else every 10th example."""
+    train, held_split = load_splits(name, config, split or "train", None)
     column = text_column or ("text" if "text" in train.column_names else None)
     if column is None:
         raise UsageError(
@@ -31,9 +32,8 @@ def load_text(name: str, text_column: str | None = None) -> tuple[list[str], lis
             f"dataset {name!r} has no column {column!r} (columns: {', '.join(train.column_names)})"
         )
     texts = [t for t in train[column] if isinstance(t, str) and t.strip()]
-    held_split = next((s for s in ("validation", "test") if s in raw), None)
-    if held_split:
-        held = [t for t in raw[held_split][column] if isinstance(t, str) and t.strip()]
+    if held_split is not None and column in held_split.column_names:
+        held = [t for t in held_split[column] if isinstance(t, str) and t.strip()]
     else:
         held = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
         texts = [t for i, t in enumerate(texts) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]

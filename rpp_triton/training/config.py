@@ -126,6 +126,8 @@ class PruneConfig(RunConfig, TrainerOptions):
 
     model: str | None = None
     dataset: str | None = None
+    dataset_config: str | None = None
+    split: str | None = None
     text_column: str | None = None
     target_sparsity: float = 0.7
     block_size: tuple[int, int] = (1, 1)

@@ -212,7 +212,7 @@ def _read_text(cfg: PruneConfig, tokenizer, model_name: str):
         train_text, held_text = D.default_text()
         dataset_name = "pydoc_data.topics"
     else:
-        train_text, held_text = D.load_text(cfg.dataset, cfg.text_column)
+        train_text, held_text = D.load_text(cfg.dataset, cfg.text_column, cfg.dataset_config, cfg.split)
         dataset_name = cfg.dataset
     seq_len = min(cfg.seq_len, max_positions(model_name, cfg.seq_len))
     train_blocks = D.mlm_blocks(tokenizer, train_text, seq_len)
@@ -282,7 +282,10 @@ def prune(config: PruneConfig) -> dict:
         if A.is_main_process():
             shutil.rmtree(ref_dir, ignore_errors=True)
     if steps[0] == 0 and cfg.resume_from_checkpoint is None and cfg.method != "oneshot":
-        trainer.evaluate()  # the state before any training
+        # The state before any training, scored directly: through Trainer it would log before
+        # training starts, when TensorBoard's writer does not know the output directory yet.
+        scores = trainer.objective.evaluate(run.model, trainer.eval_dataset, cfg.batch_size)
+        controller.evals["dense"] = {f"eval_{k}": v for k, v in scores.items()}
     trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
 
     named = pruned_named_params(run.optimizer)
