@@ -1,7 +1,7 @@
 """rpp_triton: Reweighted Proximal Pruning (arXiv 1909.12486) for BERT-family models.
 
 Public API (see docs/design.md): RPPAdamW, RPPLamb, param_groups, BlockSparseLinear, sparsify,
-densify. Heavy pieces (transformers, the server) are imported lazily, so `import rpp_triton` is
+densify, compile_sparse, choose_layers. Heavy pieces (transformers, the server) are imported lazily, so `import rpp_triton` is
 cheap and works on machines without a GPU or without Triton.
 """
 
@@ -41,6 +41,8 @@ _LAZY = {
     "BlockSparseLinear": "rpp_triton.sparse",
     "sparsify": "rpp_triton.sparse",
     "densify": "rpp_triton.sparse",
+    "compile_sparse": "rpp_triton.sparse",
+    "choose_layers": "rpp_triton.sparse",
 }
 
 __all__ = ["__version__", *_LAZY]
