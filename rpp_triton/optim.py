@@ -1,7 +1,7 @@
 """RPPAdamW and RPPLamb: AdamW or LAMB followed by a reweighted-l1 (group-l2 over tiles) proximal step.
 
-The maths is in `rpp_triton.kernels.adam_prox` (`rpp_step_ref`); this module keeps
-the state, validates input and dispatches each group to the Triton kernel or the PyTorch path.
+The maths is in `rpp_triton.kernels.adam_prox` (`rpp_step_ref`); this module keeps the state,
+validates input and dispatches each group to the Triton kernel or the PyTorch path.
 """
 
 import contextlib
