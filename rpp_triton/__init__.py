@@ -1,8 +1,8 @@
 """rpp_triton: Reweighted Proximal Pruning (arXiv 1909.12486) for BERT-family models.
 
 Public API (see docs/design.md): RPPAdamW, RPPLamb, param_groups, BlockSparseLinear, sparsify,
-densify, compile_sparse, choose_layers. Heavy pieces (transformers, the server) are imported lazily, so `import rpp_triton` is
-cheap and works on machines without a GPU or without Triton.
+densify, compile_sparse, choose_layers. Heavy pieces (transformers, the server) are imported
+lazily, so `import rpp_triton` is cheap and works on machines without a GPU or without Triton.
 """
 
 import importlib
