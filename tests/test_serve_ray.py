@@ -26,7 +26,8 @@ def ray_server(tmp_path_factory):
     port = sock.getsockname()[1]
     sock.close()
     cmd = [sys.executable, "-m", "rpp_triton", "serve", model_dir, "--ray", "--replicas", "1"]
-    cmd += ["--port", str(port), "--dense", "--max-wait-ms", "100", "--max-inputs", "4", "--timeout", "10"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dense", "--max-wait-ms", "100"]
+    cmd += ["--max-inputs", "4", "--timeout", "10"]
     log = open(tmp_path_factory.mktemp("ray-log") / "serve.log", "w+")
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
@@ -116,6 +117,26 @@ def test_ray_deployment_rejects_bad_input_and_keeps_serving(ray_server):
         assert httpx.post(url + "/v1/embed", json={"inputs": "a"}, timeout=30).status_code == 200
     assert httpx.get(url + "/health", timeout=30).json()["status"] == "ready"
     assert httpx.get(url + "/info", timeout=30).json()["tasks"] == ["embed", "classify"]
+
+
+def test_ray_listens_on_loopback_only(ray_server):
+    """With --host 127.0.0.1 no Ray process (GCS, raylet, agents, controller, proxy) listens
+    elsewhere. The one exception is Ray Serve's own: each replica opens its inter-deployment gRPC
+    server on "[::]:0", hard-coded in ray/serve/_private/replica.py."""
+    import psutil
+
+    _, _, proc = ray_server
+    addresses = set()
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        try:
+            listening = [c.laddr for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+        addresses.update((addr.ip, p.name()) for addr in listening)
+    assert addresses, "found no listening sockets"
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    elsewhere = [(ip, name) for ip, name in addresses if ip not in loopback]
+    assert elsewhere == [("::", "ray::ServeReplica:rpp_triton:RPPPredictor")], elsewhere
 
 
 def test_ray_deployment_stops_on_sigterm(ray_server):

@@ -15,24 +15,58 @@ from rpp_triton.serve.config import (
 )
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where the help says what an unset flag means."""
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False
+        return action.help if unset else super()._get_help_string(action)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a (pruned) model over HTTP: embeddings, task heads, health, metrics",
         description=(
             "Load MODEL_DIR (a save_pretrained directory with its tokenizer), swap its sparse Linear "
-            "layers for block-sparse ones, warm it up and serve POST /v1/embed (plus /v1/classify or "
-            "/v1/qa when the model has that head), GET /health, GET /metrics and /docs."
+            "layers for block-sparse ones, warm it up and serve POST /v1/embed, /v1/embeddings "
+            "(OpenAI), /embed (text-embeddings-inference), /v1/classify or /v1/qa when the model has "
+            "that head, GET /health, /info, /metrics and /docs. Every limit below answers a 4xx."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument(
         "model_dir", metavar="MODEL_DIR", help="model directory (e.g. the output of prune/finetune)"
     )
     h = p.add_argument_group("http")
     h.add_argument("--host", default=HttpConfig.host, help="address to listen on (0.0.0.0: every interface)")
-    h.add_argument("--port", type=int, default=HttpConfig.port)
-    h.add_argument("--log-level", default=HttpConfig.log_level, choices=LOG_LEVELS)
+    h.add_argument("--port", type=int, default=HttpConfig.port, help="port to listen on")
+    h.add_argument("--log-level", default=HttpConfig.log_level, choices=LOG_LEVELS, help="log verbosity")
+    h.add_argument(
+        "--max-connections",
+        type=int,
+        default=HttpConfig.max_connections,
+        help="open connections (and running requests) before answering 503",
+    )
+    h.add_argument(
+        "--read-timeout",
+        type=float,
+        default=ServerConfig.read_timeout_s,
+        help="seconds a client has to send a request's headers (then the connection is closed), "
+        "and again its body (then 408)",
+    )
+    h.add_argument(
+        "--keep-alive",
+        type=float,
+        default=HttpConfig.keep_alive_s,
+        help="seconds an idle keep-alive connection stays open",
+    )
+    h.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=ServerConfig.max_header_bytes,
+        help="size of a request's line and headers (then 431)",
+    )
 
     m = p.add_argument_group("model")
     m.add_argument("--dense", action="store_true", help="serve the dense model (no block-sparse layers)")
@@ -48,9 +82,17 @@ def register(subparsers) -> None:
         default=LoadConfig.min_sparsity,
         help="only Linear layers with at least this tile sparsity become block-sparse",
     )
-    m.add_argument("--backend", default=LoadConfig.backend, choices=BACKENDS)
+    m.add_argument(
+        "--backend",
+        default=LoadConfig.backend,
+        choices=BACKENDS,
+        help="block-sparse matmul: Triton on CUDA (auto), Triton anywhere (needs TRITON_INTERPRET=1 "
+        "without a GPU) or PyTorch",
+    )
     m.add_argument("--device", default=LoadConfig.device, help="auto, cpu, cuda, cuda:1, ...")
-    m.add_argument("--dtype", default=LoadConfig.dtype, choices=DTYPES)
+    m.add_argument(
+        "--dtype", default=LoadConfig.dtype, choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU"
+    )
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     m.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up forward")
 
@@ -138,9 +180,17 @@ def configs(args) -> tuple[LoadConfig, ServerConfig, HttpConfig, RayConfig | Non
             max_wait_ms=args.max_wait_ms,
             max_queue=args.max_queue,
             request_timeout_s=args.timeout,
+            read_timeout_s=args.read_timeout,
+            max_header_bytes=args.max_header_bytes,
             warmup=not args.no_warmup,
         )
-        http = HttpConfig(host=args.host, port=args.port, log_level=args.log_level)
+        http = HttpConfig(
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            max_connections=args.max_connections,
+            keep_alive_s=args.keep_alive,
+        )
         ray = None
         if args.ray:
             ray = RayConfig(

@@ -18,7 +18,7 @@ import asyncio
 import base64
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from rpp_triton import __version__
 from rpp_triton.serve.config import ServerConfig
 from rpp_triton.serve.errors import STATUS, Kind, ServeError, error_response
-from rpp_triton.serve.metrics import BodyLimitMiddleware, MetricsMiddleware
+from rpp_triton.serve.metrics import MetricsMiddleware, RequestLimitsMiddleware
 from rpp_triton.serve.predictor import Predictor
 from rpp_triton.serve.schemas import (
     LIMIT,
@@ -65,6 +65,9 @@ _INFERENCE_ERRORS = (
     Kind.INPUT_TOO_LONG,
     Kind.INVALID_REQUEST,
     Kind.EMPTY_INPUTS,
+    Kind.INVALID_TEXT,
+    Kind.READ_TIMEOUT,
+    Kind.HEADERS_TOO_LARGE,
     Kind.OVERLOADED,
     Kind.INTERNAL,
     Kind.UNAVAILABLE,
@@ -107,9 +110,15 @@ def _validation_error(errors: list[dict]) -> JSONResponse:
             return error_response(Kind.EMPTY_INPUT, f"{where} has an empty {loc[-1]}")
     parts = []
     for err in errors[:3]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        where = ".".join(_shown(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {_shown(err.get('msg', 'invalid'), 200)}")
     return error_response(Kind.INVALID_REQUEST, "; ".join(parts) or "invalid request")
+
+
+def _shown(value, limit: int = 40) -> str:
+    """`value` as text fit to echo back: at most `limit` characters, lone surrogates escaped."""
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _state_limits(node, config: ServerConfig | None) -> None:
@@ -126,6 +135,30 @@ def _state_limits(node, config: ServerConfig | None) -> None:
         return
     for child in children:
         _state_limits(child, config)
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """Await `work` unless the client goes away first: then cancel it, which takes its inputs off
+    the batcher's queue before they are computed."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request was cancelled itself
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if task not in done:
+        task.cancel()
+        raise ServeError("the client closed the connection", Kind.CLIENT_CLOSED)
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -147,7 +180,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s", request.url.path)
-        return error_response(Kind.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return error_response(Kind.INTERNAL, "internal error")
 
 
 def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastAPI:
@@ -174,7 +207,10 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
         "/health",
         response_model=Health,
         summary="Readiness: 200 once the model is loaded and warm, 503 before",
-        responses={503: {"model": Health, "description": "loading, draining or failed"}},
+        responses={
+            503: {"model": Health, "description": "loading, draining or failed"},
+            **documented(Kind.HEADERS_TOO_LARGE),
+        },
     )
     async def health():
         svc = get_service()
@@ -190,7 +226,7 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
         "/info",
         response_model=Info,
         summary="The model, its sparsity and the limits it is served with",
-        responses=documented(Kind.UNAVAILABLE, Kind.INTERNAL),
+        responses=documented(Kind.HEADERS_TOO_LARGE, Kind.UNAVAILABLE, Kind.INTERNAL),
     )
     async def info():
         svc = service()
@@ -204,7 +240,7 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
         response_class=Response,
         responses={
             200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
-            **documented(Kind.UNAVAILABLE),
+            **documented(Kind.HEADERS_TOO_LARGE, Kind.UNAVAILABLE),
         },
     )
     async def metrics():
@@ -216,8 +252,9 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
         summary="Mean-pooled embeddings of texts",
         responses=documented(*_INFERENCE_ERRORS),
     )
-    async def embed(body: EmbedRequest):
-        embeddings, encoded = await service().embed(_as_list(body.inputs), "/v1/embed")
+    async def embed(body: EmbedRequest, request: Request):
+        work = service().embed(_as_list(body.inputs), "/v1/embed")
+        embeddings, encoded = await unless_disconnected(request, work)
         if body.normalize:
             embeddings = [_unit(e) for e in embeddings]
         return {"embeddings": embeddings, "truncated": [e.truncated for e in encoded]}
@@ -228,9 +265,11 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
         summary="Embeddings in OpenAI's API shape (unit length)",
         responses=documented(*_INFERENCE_ERRORS),
     )
-    async def openai_embeddings(body: OpenAIEmbeddingsRequest):
+    async def openai_embeddings(body: OpenAIEmbeddingsRequest, request: Request):
         svc = service()
-        embeddings, encoded = await svc.embed(_as_list(body.input), "/v1/embeddings")
+        embeddings, encoded = await unless_disconnected(
+            request, svc.embed(_as_list(body.input), "/v1/embeddings")
+        )
         data = []
         for i, vector in enumerate(embeddings):
             vector = _unit(vector)
@@ -245,8 +284,9 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
-    async def tei_embed(body: TEIEmbedRequest):
-        embeddings, _ = await service().embed(_as_list(body.inputs), "/embed", truncate=body.truncate)
+    async def tei_embed(body: TEIEmbedRequest, request: Request):
+        work = service().embed(_as_list(body.inputs), "/embed", truncate=body.truncate)
+        embeddings, _ = await unless_disconnected(request, work)
         return [_unit(e) for e in embeddings] if body.normalize else embeddings
 
     for path in ("/embed", "/"):
@@ -264,10 +304,10 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
         summary="Labels from a classification head",
         responses=documented(*_INFERENCE_ERRORS),
     )
-    async def classify(body: ClassifyRequest):
+    async def classify(body: ClassifyRequest, request: Request):
         svc = service()
         inputs = [x if isinstance(x, str) else tuple(x) for x in _as_list(body.inputs)]
-        predictions, encoded = await svc.classify(inputs, "/v1/classify")
+        predictions, encoded = await unless_disconnected(request, svc.classify(inputs, "/v1/classify"))
         return {
             "labels": [p["label"] for p in predictions],
             "scores": [p["score"] for p in predictions],
@@ -282,10 +322,10 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
         summary="Answer spans from a question-answering head",
         responses=documented(*_INFERENCE_ERRORS, Kind.EMPTY_INPUT),
     )
-    async def qa(body: QARequest):
+    async def qa(body: QARequest, request: Request):
         pairs = [(it.question, it.context) for it in _as_list(body.inputs)]
         threshold = body.null_threshold if body.allow_no_answer else None
-        answers = await service().answer(pairs, threshold, "/v1/qa")
+        answers = await unless_disconnected(request, service().answer(pairs, threshold, "/v1/qa"))
         return {"answers": answers, "truncated": [False] * len(pairs)}
 
     def openapi() -> dict:
@@ -308,16 +348,16 @@ def build_app(get_service: Callable[[], Service | None], lifespan=None) -> FastA
 
     app.openapi = openapi
 
-    def limit() -> int | None:
+    def config() -> ServerConfig | None:
         svc = get_service()
-        return None if svc is None else svc.config.max_body_bytes
+        return None if svc is None else svc.config
 
     def metrics_of() -> object:
         svc = get_service()
         return None if svc is None else svc.metrics
 
-    # Metrics outermost, so even the body limit's 413s are counted.
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limit)
+    # Metrics outermost, so even the limits' 413s are counted.
+    app.add_middleware(RequestLimitsMiddleware, config=config)
     app.add_middleware(MetricsMiddleware, get_metrics=metrics_of, routes={r.path for r in app.routes})
     return app
 

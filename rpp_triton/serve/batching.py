@@ -144,11 +144,20 @@ class DynamicBatcher:
         try:
             return await asyncio.wait_for(asyncio.gather(*(it.future for it in items)), timeout)
         except asyncio.TimeoutError:
+            self._withdraw(items)
             raise RequestTimeout(f"the request was not served within {timeout:g} s") from None
-        finally:
-            for it in items:  # the worker skips items whose future is done
-                if not it.future.done():
-                    it.future.cancel()
+        except BaseException:  # cancelled (the client went away) or a batch failed
+            self._withdraw(items)
+            raise
+
+    def _withdraw(self, items: list[_Item]) -> None:
+        """Take the `items` of a request that timed out or was cancelled off the queue at once: they
+        free their slots and are never computed."""
+        for it in items:
+            it.future.cancel()
+        withdrawn = set(items)
+        with self._cond:
+            self._pending = deque(it for it in self._pending if it not in withdrawn)
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking work. With `drain`, queued items are still computed before the worker

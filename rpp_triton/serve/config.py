@@ -50,6 +50,7 @@ class ServerConfig:
     max_queue: int = 1024  # inputs waiting for a batch
     request_timeout_s: float = 30.0  # from the body read to the answer; then 503
     read_timeout_s: float = 10.0  # for a client to send a request's headers, and again its body
+    max_header_bytes: int = 16_384  # request line and headers
     warmup: bool = True
 
     def __post_init__(self):
@@ -59,6 +60,7 @@ class ServerConfig:
         check_number(self, "max_wait_ms", 0)
         check_number(self, "request_timeout_s", 0, above=True)
         check_number(self, "read_timeout_s", 0, above=True)
+        check_number(self, "max_header_bytes", 1024, integer=True)
         if self.max_inputs > self.max_queue:
             raise ValueError(f"max_inputs ({self.max_inputs}) cannot exceed max_queue ({self.max_queue})")
 
@@ -129,7 +131,6 @@ class HttpConfig:
     log_level: str = "info"
     max_connections: int = 256  # open connections plus running requests; past it uvicorn answers 503
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
-    max_header_bytes: int = 16_384  # request line and headers
 
     def __post_init__(self):
         check_choice(self, "log_level", LOG_LEVELS)
@@ -138,7 +139,6 @@ class HttpConfig:
             raise ValueError(f"port must be in 1..65535, got {self.port}")
         check_number(self, "max_connections", 1, integer=True)
         check_number(self, "keep_alive_s", 0, above=True)
-        check_number(self, "max_header_bytes", 1024, integer=True)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,17 @@ class Kind(str, Enum):
     NOT_FOUND = "not_found"
     ROUTE_NOT_SUPPORTED = "route_not_supported"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    READ_TIMEOUT = "read_timeout"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     TOO_MANY_INPUTS = "too_many_inputs"
+    HEADERS_TOO_LARGE = "headers_too_large"
     INPUT_TOO_LONG = "input_too_long"
     INVALID_REQUEST = "invalid_request"
     EMPTY_INPUTS = "empty_inputs"
     EMPTY_INPUT = "empty_input"
+    INVALID_TEXT = "invalid_text"
     OVERLOADED = "overloaded"
+    CLIENT_CLOSED = "client_closed"
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"
     TIMEOUT = "timeout"
@@ -36,13 +40,17 @@ STATUS = {
     Kind.NOT_FOUND: 404,
     Kind.ROUTE_NOT_SUPPORTED: 404,
     Kind.METHOD_NOT_ALLOWED: 405,
+    Kind.READ_TIMEOUT: 408,
     Kind.PAYLOAD_TOO_LARGE: 413,
     Kind.TOO_MANY_INPUTS: 413,
     Kind.INPUT_TOO_LONG: 413,
+    Kind.HEADERS_TOO_LARGE: 431,
     Kind.INVALID_REQUEST: 422,
     Kind.EMPTY_INPUTS: 422,
     Kind.EMPTY_INPUT: 422,
+    Kind.INVALID_TEXT: 422,
     Kind.OVERLOADED: 429,
+    Kind.CLIENT_CLOSED: 499,  # nobody reads it; it labels the request in /metrics
     Kind.INTERNAL: 500,
     Kind.UNAVAILABLE: 503,
     Kind.TIMEOUT: 503,

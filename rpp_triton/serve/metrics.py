@@ -1,14 +1,16 @@
 """Prometheus metrics of one server, and the two ASGI middlewares in front of the routes: one counts
-and times every request, one bounds the request body before the JSON parser sees it."""
+and times every request, one holds each request to the server's limits on headers and body."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from rpp_triton.serve.errors import Kind, error_response
+from rpp_triton.serve.config import ServerConfig
+from rpp_triton.serve.errors import STATUS, Kind, error_response
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -58,7 +60,8 @@ class Metrics:
 
 class MetricsMiddleware:
     """Counts every HTTP request by route and status and times it (outermost, so 413s count too).
-    Paths that are not routes of the app count as route "other"."""
+    Paths that are not routes of the app count as route "other"; a request answered nothing because
+    its client went away (while sending the body, say) counts as status 499, not as an error."""
 
     def __init__(self, app, get_metrics: Callable[[], Metrics | None], routes: set[str]):
         self.app, self.get_metrics, self.routes = app, get_metrics, routes
@@ -69,7 +72,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         route = scope["path"] if scope["path"] in self.routes else "other"
-        status = 500
+        status = STATUS[Kind.CLIENT_CLOSED]
         start = time.perf_counter()
 
         async def send_and_record(message):
@@ -81,26 +84,43 @@ class MetricsMiddleware:
         metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_and_record)
+        except BaseException:
+            status = STATUS[Kind.INTERNAL]  # the server error middleware outside answers 500
+            raise
         finally:
             metrics.in_flight.dec()
             metrics.requests.labels(route, str(status)).inc()
             metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies over `max_body_bytes()` with 413 before they reach the JSON parser.
+class RequestLimitsMiddleware:
+    """Checks a request against the limits of `config()` before any route sees it: headers over
+    `max_header_bytes` are refused with 431; a body is read whole first, refused with 413 past
+    `max_body_bytes` and with 408 if it has not fully arrived `read_timeout_s` after the headers (a
+    slow or stalled client).
 
     The API only takes JSON, so a body sent without a JSON content type (curl's `-d` default is a
     form) is read as JSON rather than refused."""
 
-    def __init__(self, app, max_body_bytes: Callable[[], int | None]):
-        self.app, self.max_body_bytes = app, max_body_bytes
+    def __init__(self, app, config: Callable[[], ServerConfig | None]):
+        self.app, self.config = app, config
 
     async def __call__(self, scope, receive, send):
-        limit = self.max_body_bytes() if scope["type"] == "http" else None
-        if limit is None or scope["method"] not in ("POST", "PUT", "PATCH"):
+        config = self.config() if scope["type"] == "http" else None
+        if config is None:
             await self.app(scope, receive, send)
             return
+        head = len(scope.get("raw_path") or b"") + sum(
+            len(k) + len(v) + 4 for k, v in scope.get("headers") or []
+        )
+        if head > config.max_header_bytes:
+            message = f"the request line and headers are over the limit of {config.max_header_bytes} bytes"
+            await error_response(Kind.HEADERS_TOO_LARGE, message)(scope, receive, send)
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        limit = config.max_body_bytes
         too_large = error_response(
             Kind.PAYLOAD_TOO_LARGE, f"the request body is over the limit of {limit} bytes"
         )
@@ -113,8 +133,14 @@ class BodyLimitMiddleware:
             await too_large(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = time.monotonic() + config.read_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                slow = f"the request body did not arrive within {config.read_timeout_s:g} s"
+                await error_response(Kind.READ_TIMEOUT, slow, {"Connection": "close"})(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

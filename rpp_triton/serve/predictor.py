@@ -14,9 +14,11 @@ entry, one `encode_*` method and one post-processing method.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,12 +176,25 @@ def inspect_model(model_dir: str, options: LoadConfig) -> ModelSource:
         raise UsageError(
             f"doc_stride must be in [0, max_tokens / 2) = [0, {max_tokens // 2}), got {doc_stride}"
         )
-    if task == "qa" and not getattr(tokenizer, "is_fast", False):
+    if len(set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens)) == 0:
         raise UsageError(
-            f"{model_dir!r} has a question-answering head but a slow tokenizer; "
-            "question answering needs a fast one (offset mappings)"
+            f"{model_dir!r} has no tokenizer files (its vocabulary would be only {len(tokenizer)} "
+            "special tokens); save the tokenizer into the model directory (tokenizer.save_pretrained)"
         )
+    if not getattr(tokenizer, "is_fast", False):
+        raise UsageError(f"{model_dir!r} has a slow tokenizer; the server needs a fast one (tokenizer.json)")
     return ModelSource(model_dir, config, tokenizer, report, task, block, max_tokens, doc_stride)
+
+
+def _tokenizing(method):
+    """Run `method` holding the predictor's tokenizer lock."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._tokenizer_lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 class Predictor:
@@ -195,6 +210,9 @@ class Predictor:
         self.tasks = set(info.tasks)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.uses_token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", [])
+        # Each call of the tokenizer sets truncation on the shared Rust tokenizer first: one at a time.
+        self._tokenizer_lock = threading.Lock()
+        self._specials = {n: tokenizer.num_special_tokens_to_add(pair=n == 2) for n in (1, 2)}
         config = model.config
         self.problem_type = getattr(config, "problem_type", None)
         num_labels = getattr(config, "num_labels", 0)
@@ -264,40 +282,46 @@ class Predictor:
         return cls(model, source.tokenizer, info=info, device=dev, truncate=options.truncate)
 
     # ----------------------------------------------------------- tokenization
+    @_tokenizing
     def encode_texts(
         self, inputs: list[str | tuple[str, str]], truncate: bool | None = None
     ) -> list[Encoded]:
         """Tokenize single texts or text pairs. Over-long inputs are truncated or refused (`truncate`,
-        by default the predictor's setting)."""
-        tok = self.tokenizer
+        by default the predictor's setting).
+
+        Each text is tokenized alone, without special tokens or truncation, which takes time linear
+        in its length (the tokenizer's own pair truncation builds every combination of the two
+        texts' overflowing windows: seconds and gigabytes for two long texts). A text is then cut to
+        at most one token more than the sequence holds, which keeps which of a pair is longer, all
+        that longest-first truncation looks at; the tokenizer truncates the rest and adds the
+        special tokens. The result is the tokenizer's own `tokenizer(a, b, truncation=True)`."""
         truncate = self.truncate if truncate is None else truncate
-        kwargs = dict(verbose=False, return_attention_mask=False)
-        if truncate:
-            kwargs.update(truncation=True, max_length=self.max_tokens)
-        if all(isinstance(x, str) for x in inputs):
-            rows = tok(list(inputs), **kwargs)
-            ids = rows["input_ids"]
-            types = rows.get("token_type_ids") if self.uses_token_types else None
-            encoded = [Encoded(ids[i], types[i] if types else None) for i in range(len(inputs))]
-        else:
-            encoded = []
-            for x in inputs:
-                row = tok(x, **kwargs) if isinstance(x, str) else tok(x[0], x[1], **kwargs)
-                types = row.get("token_type_ids") if self.uses_token_types else None
-                encoded.append(Encoded(row["input_ids"], types))
-        if truncate:
-            # A truncated sequence is exactly max_tokens long; re-tokenize only those to be sure.
-            for i, e in enumerate(encoded):
-                if len(e) == self.max_tokens:
-                    x = inputs[i]
-                    full = tok(x, verbose=False) if isinstance(x, str) else tok(x[0], x[1], verbose=False)
-                    e.truncated = len(full["input_ids"]) > self.max_tokens
-        else:
-            for i, e in enumerate(encoded):
-                if len(e) > self.max_tokens:
-                    raise InputTooLong(i, len(e), self.max_tokens)
+        # tokenizer(a, "") reads a pair with an empty second text as a single text.
+        groups = [(x,) if isinstance(x, str) else (x[0],) if not x[1] else tuple(x) for x in inputs]
+        backend = self.tokenizer.backend_tokenizer
+        backend.no_truncation()
+        backend.no_padding()
+        parts = iter(backend.encode_batch([t for g in groups for t in g], add_special_tokens=False))
+        encoded = []
+        for i, group in enumerate(groups):
+            pieces = [next(parts) for _ in group]
+            lengths = [len(p) for p in pieces]
+            n_tokens = sum(lengths) + self._specials[len(pieces)]
+            if n_tokens > self.max_tokens and not truncate:
+                raise InputTooLong(i, n_tokens, self.max_tokens)
+            if n_tokens > self.max_tokens:
+                room = self.max_tokens - self._specials[len(pieces)]
+                for piece, n, other in zip(pieces, lengths, reversed(lengths)):
+                    piece.truncate(min(n, room + (n > other)))
+                backend.enable_truncation(self.max_tokens, strategy="longest_first")
+            else:
+                backend.no_truncation()
+            out = backend.post_process(pieces[0], pieces[1] if len(pieces) > 1 else None)
+            types = out.type_ids if self.uses_token_types else None
+            encoded.append(Encoded(out.ids, types, truncated=n_tokens > self.max_tokens))
         return encoded
 
+    @_tokenizing
     def encode_qa(self, pairs: list[tuple[str, str]]) -> list[Encoded]:
         """Tokenize (question, context) pairs into windows of at most `max_tokens` tokens that overlap
         by `doc_stride` context tokens (`qa.prepare_eval_features`); each window's `example` is

@@ -24,6 +24,7 @@ from rpp_triton.serve.app import build_app
 from rpp_triton.serve.batching import RequestTimeout, split_by_budget
 from rpp_triton.serve.config import HttpConfig, LoadConfig, RayConfig, ServerConfig
 from rpp_triton.serve.predictor import Encoded, Predictor, SequenceOutput
+from rpp_triton.serve.server import is_loopback
 from rpp_triton.serve.service import Service
 
 log = logging.getLogger("rpp_triton.serve")
@@ -101,11 +102,18 @@ def serve_forever(
     """Start (or join) Ray, deploy, and block until Ctrl-C or SIGTERM; then shut Serve down."""
     import ray as ray_core
 
-    ray_core.init(address=ray.address, include_dashboard=False, ignore_reinit_error=True)
+    options = {}
+    if ray.address is None and http.host not in ("0.0.0.0", "::"):
+        # A local Ray listens where the server does (on loopback, with server.serve's setting).
+        node = "127.0.0.1" if is_loopback(http.host) else http.host
+        options = dict(_node_ip_address=node, dashboard_host=node)
+    ray_core.init(address=ray.address, include_dashboard=False, ignore_reinit_error=True, **options)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     try:
-        serve.start(http_options={"host": http.host, "port": http.port})
+        serve.start(
+            http_options={"host": http.host, "port": http.port, "keep_alive_timeout_s": http.keep_alive_s}
+        )
         serve.run(build_application(model_dir, load, config, ray), name=APP_NAME, route_prefix="/")
         print(
             f"serving {model_dir} on http://{http.host}:{http.port} "

@@ -1,5 +1,5 @@
 """The serving engine without HTTP: model state (loading, ready, draining, failed), request limits,
-tokenization off the event loop for long inputs, and running encoded inputs through a batcher.
+tokenization off the event loop, and running encoded inputs through a batcher.
 
 `Service` is what the routes call; `run(encoded, timeout)` is left to the deployment (a
 `DynamicBatcher` on one machine, Ray Serve's batching in a replica). Failures are `ServeError`s
@@ -9,7 +9,6 @@ of a kind (rpp_triton.serve.errors); the HTTP layer alone turns kinds into statu
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -22,9 +21,6 @@ from rpp_triton.serve.metrics import Metrics
 from rpp_triton.serve.predictor import Encoded, Predictor
 
 log = logging.getLogger("rpp_triton.serve")
-
-# Tokenizing more characters than this per request moves off the event loop.
-_INLINE_TOKENIZE_CHARS = 4096
 
 
 def check_inputs(inputs: list[tuple[str, ...]], config: ServerConfig) -> None:
@@ -42,6 +38,12 @@ def check_inputs(inputs: list[tuple[str, ...]], config: ServerConfig) -> None:
                     f"input {i} has a text of {len(text)} characters; the limit is {config.max_chars}",
                     Kind.INPUT_TOO_LONG,
                 )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # JSON can escape a lone surrogate ("\ud800"); UTF-8 cannot
+                raise ServeError(
+                    f"input {i} is not valid Unicode (a lone surrogate)", Kind.INVALID_TEXT
+                ) from None
 
 
 class Service:
@@ -109,8 +111,7 @@ class Service:
         `truncate` overrides the server's choice for over-long inputs."""
         predictor = self.require("embed")
         check_inputs([(t,) for t in texts], self.config)
-        encode = functools.partial(predictor.encode_texts, truncate=truncate)
-        encoded = await self._encode(encode, texts, sum(map(len, texts)))
+        encoded = await asyncio.to_thread(predictor.encode_texts, texts, truncate)
         outputs = await self._run(encoded, route)
         return [o.embedding for o in outputs], encoded
 
@@ -120,8 +121,7 @@ class Service:
         """Label, score and probabilities per text or text pair."""
         predictor = self.require("classify")
         check_inputs([(x,) if isinstance(x, str) else x for x in inputs], self.config)
-        chars = sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1]) for x in inputs)
-        encoded = await self._encode(predictor.encode_texts, inputs, chars)
+        encoded = await asyncio.to_thread(predictor.encode_texts, inputs)
         outputs = await self._run(encoded, route)
         return [predictor.classification(o) for o in outputs], encoded
 
@@ -131,9 +131,8 @@ class Service:
         """The best answer span per (question, context) pair; long contexts are read in windows."""
         predictor = self.require("qa")
         check_inputs(pairs, self.config)
-        chars = sum(len(q) + len(c) for q, c in pairs)
         # One batcher input per window: windows of every request share the batches.
-        windows = await self._encode(predictor.encode_qa, pairs, chars)
+        windows = await asyncio.to_thread(predictor.encode_qa, pairs)
         if len(windows) > self.config.max_queue:
             raise ServeError(
                 f"the contexts make {len(windows)} windows of {predictor.max_tokens} tokens; "
@@ -142,12 +141,6 @@ class Service:
             )
         outputs = await self._run(windows, route, n_inputs=len(pairs))
         return predictor.answers(pairs, windows, outputs, null_threshold=null_threshold)
-
-    @staticmethod
-    async def _encode(encode: Callable, inputs: list, chars: int) -> list[Encoded]:
-        if chars <= _INLINE_TOKENIZE_CHARS:
-            return encode(inputs)
-        return await asyncio.to_thread(encode, inputs)
 
     async def _run(self, encoded: list[Encoded], route: str, n_inputs: int | None = None) -> list:
         outputs = await self.run(encoded, self.config.request_timeout_s)
