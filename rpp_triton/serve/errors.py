@@ -1,7 +1,7 @@
 """What can go wrong with a request, and the one table that turns each kind into an HTTP answer.
 
-Code anywhere in the server raises `ServeError(Kind.X, message)` (or a subclass that fixes its
-kind); only `http_error` looks up the status. A client always gets
+Code anywhere in the server raises `ServeError(message, Kind.X)` (or a subclass that fixes its
+kind); only `error_response` looks up the status. A client always gets
 `{"error": {"type": kind, "message": message}}`; 429 and 503 come with `Retry-After`. Messages
 never carry exception text from inside the server: an unexpected failure is "internal error".
 """
@@ -70,19 +70,9 @@ class ServeError(Exception):
             self.kind = kind
 
 
-def http_error(kind: Kind, message: str) -> tuple[int, dict, dict]:
-    """(status, JSON body, headers) of the answer to an error of `kind`."""
-    status = STATUS[kind]
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
-    return status, {"error": {"type": kind.value, "message": message}}, headers
-
-
 def error_response(kind: Kind, message: str, headers: dict | None = None) -> JSONResponse:
     """The JSON answer to an error of `kind` (with `headers` added, e.g. a 405's Allow)."""
-    status, body, own = http_error(kind, message)
-    return JSONResponse(body, status_code=status, headers={**own, **(headers or {})})
-
-
-def statuses(*kinds: Kind) -> list[int]:
-    """The distinct statuses of `kinds`, in order (for the OpenAPI document)."""
-    return sorted({STATUS[k] for k in kinds})
+    status = STATUS[kind]
+    retry = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
+    body = {"error": {"type": kind.value, "message": message}}
+    return JSONResponse(body, status_code=status, headers={**retry, **(headers or {})})
