@@ -77,6 +77,12 @@ def following_gelu(parent: nn.Module, name: str) -> str | None:
     return None
 
 
+def has_vocabulary(tokenizer) -> bool:
+    """False for what transformers builds from a directory without tokenizer files: a vocabulary of
+    special tokens only, which would turn every word into [UNK] without an error."""
+    return bool(set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens))
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Attention-mask-weighted mean of `hidden[B, L, H]` over the sequence: `[B, H]`, in fp32."""
     hidden = hidden.float()  # pool in fp32 even when the model runs in bf16 or fp16

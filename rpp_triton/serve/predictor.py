@@ -27,7 +27,7 @@ import torch
 
 from rpp_triton.artifacts import read_report
 from rpp_triton.errors import UsageError
-from rpp_triton.models import mean_pool
+from rpp_triton.models import has_vocabulary, mean_pool
 from rpp_triton.serve.config import LoadConfig
 from rpp_triton.serve.errors import Kind, ServeError
 from rpp_triton.tiles import divides, tile_sparsity
@@ -176,7 +176,7 @@ def inspect_model(model_dir: str, options: LoadConfig) -> ModelSource:
         raise UsageError(
             f"doc_stride must be in [0, max_tokens / 2) = [0, {max_tokens // 2}), got {doc_stride}"
         )
-    if len(set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens)) == 0:
+    if not has_vocabulary(tokenizer):
         raise UsageError(
             f"{model_dir!r} has no tokenizer files (its vocabulary would be only {len(tokenizer)} "
             "special tokens); save the tokenizer into the model directory (tokenizer.save_pretrained)"

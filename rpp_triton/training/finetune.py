@@ -33,7 +33,13 @@ from rpp_triton.qa.evaluate import evaluate_qa
 from rpp_triton.qa.features import prepare_train_features
 from rpp_triton.tiles import layer_table, mask_digest, sparsity_of
 from rpp_triton.training.config import EvaluateConfig, FinetuneConfig, TaskOptions
-from rpp_triton.training.hub import load_pretrained, max_positions, resolve_model, training_arguments
+from rpp_triton.training.hub import (
+    load_pretrained,
+    load_tokenizer,
+    max_positions,
+    resolve_model,
+    training_arguments,
+)
 from rpp_triton.training.trainer import make_trainer_class, pruned_named_params, ranks_agree
 
 EMBEDDED_NAME = "all-MiniLM-L6-v2 (embedded)"
@@ -318,12 +324,12 @@ def _show(label: str, metrics: dict, names) -> None:
 
 def finetune(config: FinetuneConfig) -> dict:
     """Run `rpp-triton finetune`; returns the report written to finetune_report.json."""
-    from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
+    from transformers import DataCollatorWithPadding, set_seed
 
     started = time.time()
     cfg, partial, model_name, source_report, masks, targs = _prepare(config)
     task = _QuestionAnswering(cfg) if cfg.question_answering else _Classification(cfg)
-    tokenizer = load_pretrained(AutoTokenizer, model_name)
+    tokenizer = load_tokenizer(model_name)
     train_rows, evaluation = task.features(tokenizer)
 
     set_seed(cfg.seed)
@@ -397,7 +403,6 @@ def _publish(trainer, partial, cfg, report, named, block, source_report) -> None
 def evaluate(config: EvaluateConfig) -> dict:
     """Run `rpp-triton evaluate`: score a saved question-answering model without training it;
     returns what `--output` receives (scores, answers, null margins)."""
-    from transformers import AutoTokenizer
 
     started = time.time()
     if config.output is not None:
@@ -407,7 +412,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     model_name, _ = resolve_model(config.model_dir)
     cfg = config.resolved(max_positions(model_name, None))
     task = _QuestionAnswering(cfg, need_train=False)
-    tokenizer = load_pretrained(AutoTokenizer, model_name)
+    tokenizer = load_tokenizer(model_name)
     model, info = task.model(model_name, output_loading_info=True)
     fresh = any("qa_outputs" in k for k in info.get("missing_keys", ()))
     if fresh:

@@ -52,6 +52,21 @@ def load_pretrained(loader, name: str, quiet: bool = False, **kwargs):
         logging.set_verbosity(level)
 
 
+def load_tokenizer(name: str):
+    """The model's tokenizer; a UsageError where the directory has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    from rpp_triton.models import has_vocabulary
+
+    tokenizer = load_pretrained(AutoTokenizer, name)
+    if not has_vocabulary(tokenizer):
+        raise UsageError(
+            f"{name!r} has no tokenizer files (its vocabulary would be only special tokens); "
+            "save the tokenizer beside the model (tokenizer.save_pretrained)"
+        )
+    return tokenizer
+
+
 def max_positions(model_name: str, default: int) -> int:
     """The model's longest input (max_position_embeddings), or `default` where it has none."""
     from transformers import AutoConfig

@@ -17,7 +17,13 @@ from rpp_triton.errors import UsageError
 from rpp_triton.tiles import layer_table, sparsity_of
 from rpp_triton.training.config import PruneConfig
 from rpp_triton.training.controller import CONTROLLERS
-from rpp_triton.training.hub import load_pretrained, max_positions, resolve_model, training_arguments
+from rpp_triton.training.hub import (
+    load_pretrained,
+    load_tokenizer,
+    max_positions,
+    resolve_model,
+    training_arguments,
+)
 from rpp_triton.training.objectives import Objective
 from rpp_triton.training.quality import QualityProbe
 from rpp_triton.training.trainer import make_trainer_class, pruned_named_params
@@ -236,7 +242,6 @@ def _scores(evals: dict, key: str) -> dict:
 
 def prune(config: PruneConfig) -> dict:
     """Run `rpp-triton prune`; returns the report written to rpp_report.json."""
-    from transformers import AutoTokenizer
 
     started = time.time()
     cfg = config.resolved(A.world_size())
@@ -247,7 +252,7 @@ def prune(config: PruneConfig) -> dict:
         if controller_state is None:
             raise UsageError(f"checkpoint {cfg.resume_from_checkpoint!r} has no {A.CONTROLLER_FILE}")
     model_name, _ = resolve_model(cfg.model)
-    tokenizer = load_pretrained(AutoTokenizer, model_name)
+    tokenizer = load_tokenizer(model_name)
     if tokenizer.mask_token_id is None and cfg.objective != "distill":
         raise UsageError(f"tokenizer of {model_name!r} has no mask token; use --objective distill")
     data, held_text, dataset_name, seq_len = _read_text(cfg, tokenizer, model_name)
