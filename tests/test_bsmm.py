@@ -19,7 +19,6 @@ from rpp_triton.kernels.bsmm import (
     uses_kernel,
 )
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # The kernel on CPU tensors needs the interpreter; on a GPU machine the CUDA cases below cover it.
 on_cpu_kernel = pytest.mark.skipif(
     not interpreting(), reason="CPU tensors reach the kernel only under TRITON_INTERPRET=1"
@@ -128,7 +127,7 @@ def test_opcheck(case, backend):
     opcheck_case(case, backend, "cpu")
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("case", OP_CASES, ids=case_id)
 def test_opcheck_cuda(case, backend):
@@ -240,7 +239,7 @@ GPU_CASES = [
 ]
 
 
-@requires_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
 def test_kernel_matches_dense_cuda(case):
     def on_cuda(x, values, col_idx, row_ptr, b, gelu):

@@ -4,24 +4,27 @@ Compiling takes tens of seconds on a CPU, so this file holds few tests."""
 
 import pytest
 import torch
-from test_sparse import tiny_bert, tiny_bert_inputs
 
 import rpp_triton as rpp
 from rpp_triton.sparse import compile_sparse
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+@pytest.fixture
+def sparse_bert(tiny_bert, tiny_bert_inputs):
+    """`sparse_bert(device)`: a sparsified tiny BERT on `device`, example inputs and its dense output."""
+
+    def build(device):
+        model = tiny_bert(tile_sparsity=0.5).to(device)
+        inputs = tiny_bert_inputs(device)
+        with torch.no_grad():
+            ref = model(**inputs).last_hidden_state
+        rpp.sparsify(model, block_size=16, min_sparsity=0.3)
+        return model, inputs, ref
+
+    return build
 
 
-def sparse_bert(device):
-    model = tiny_bert().to(device)
-    inputs = tiny_bert_inputs(device)
-    with torch.no_grad():
-        ref = model(**inputs).last_hidden_state
-    rpp.sparsify(model, block_size=16, min_sparsity=0.3)
-    return model, inputs, ref
-
-
-def test_fullgraph_on_cpu_matches_eager():
+def test_fullgraph_on_cpu_matches_eager(sparse_bert):
     pytest.importorskip("transformers")
     model, inputs, ref = sparse_bert("cpu")
     graphs = []
@@ -39,8 +42,8 @@ def test_fullgraph_on_cpu_matches_eager():
     torch.testing.assert_close(compiled(**inputs).last_hidden_state, ref, atol=1e-5, rtol=1e-4)
 
 
-@requires_cuda
-def test_reduce_overhead_captures_cuda_graphs():
+@pytest.mark.gpu
+def test_reduce_overhead_captures_cuda_graphs(sparse_bert):
     from torch._dynamo.utils import counters
 
     pytest.importorskip("transformers")

@@ -13,21 +13,9 @@ BACKENDS = ["torch", "triton"]
 DEVICE = {"torch": "cpu", "triton": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
-def prune_tiles(weight: torch.Tensor, block, sparsity: float) -> torch.Tensor:
-    """Zero a random `sparsity` fraction of `weight`'s tiles in place; returns the tile mask."""
-    bh, bw = block
-    rows, cols = weight.shape[0] // bh, weight.shape[1] // bw
-    keep = torch.ones(rows * cols, dtype=torch.bool)
-    keep[torch.randperm(rows * cols)[: round(sparsity * rows * cols)]] = False
-    keep = keep.view(rows, cols)
-    with torch.no_grad():
-        weight.mul_(keep.repeat_interleave(bh, 0).repeat_interleave(bw, 1).to(weight.dtype))
-    return keep
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(7, 64), (2, 9, 64)], ids=["2d", "3d"])
-def test_from_dense_matches_linear(backend, shape):
+def test_from_dense_matches_linear(backend, shape, prune_tiles):
     linear = nn.Linear(64, 48).to(DEVICE[backend])
     keep = prune_tiles(linear.weight, (16, 16), 0.5)
     layer = rpp.BlockSparseLinear.from_dense(linear, block_size=16, backend=backend)
@@ -74,7 +62,7 @@ def test_bad_input():
         )
 
 
-def test_sparsify_densify_sequential():
+def test_sparsify_densify_sequential(prune_tiles):
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 10))
     prune_tiles(model[0].weight, (16, 16), 0.75)
     prune_tiles(model[2].weight, (16, 16), 0.25)
@@ -105,32 +93,9 @@ def test_sparsify_skips_tied_and_tanh_gelu():
     assert isinstance(single[1], nn.GELU)
 
 
-def tiny_bert(cls_name="BertModel"):
-    import transformers
-
-    config = transformers.BertConfig(
-        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32,
-    )  # fmt: skip
-    model = getattr(transformers, cls_name)(config).eval()
-    for layer in model.base_model.encoder.layer:
-        for lin in (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value,
-                    layer.attention.output.dense, layer.intermediate.dense, layer.output.dense):  # fmt: skip
-            prune_tiles(lin.weight, (16, 16), 0.5)
-    return model
-
-
-def tiny_bert_inputs(device="cpu"):
-    """Two sequences of 9 tokens, the second padded after 6."""
-    ids = torch.randint(0, 60, (2, 9), device=device)
-    mask = torch.ones_like(ids)
-    mask[1, 6:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tiny_bert_sparsified_equals_dense(backend):
-    model = tiny_bert().to(DEVICE[backend])
+def test_tiny_bert_sparsified_equals_dense(backend, tiny_bert, tiny_bert_inputs):
+    model = tiny_bert(tile_sparsity=0.5).to(DEVICE[backend])
     inputs = tiny_bert_inputs(DEVICE[backend])
     with torch.no_grad():
         ref = model(**inputs).last_hidden_state
@@ -146,9 +111,9 @@ def test_tiny_bert_sparsified_equals_dense(backend):
         torch.testing.assert_close(model(**inputs).last_hidden_state, ref)
 
 
-def test_state_dict_is_dense_and_reloads(tmp_path):
+def test_state_dict_is_dense_and_reloads(tmp_path, tiny_bert):
     transformers = pytest.importorskip("transformers")
-    model = tiny_bert("BertForMaskedLM")  # tied decoder / word embeddings
+    model = tiny_bert("BertForMaskedLM", tile_sparsity=0.5)  # tied decoder / word embeddings
     ids = torch.randint(0, 60, (2, 7))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -167,7 +132,7 @@ def test_state_dict_is_dense_and_reloads(tmp_path):
         torch.testing.assert_close(plain.eval()(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
 
     # A dense state dict loads into a sparsified model: tiles re-packed, counts and all.
-    other = tiny_bert("BertForMaskedLM")
+    other = tiny_bert("BertForMaskedLM", tile_sparsity=0.5)
     nn.init.normal_(other.bert.encoder.layer[0].attention.self.query.weight)  # no zero tile left
     with torch.no_grad():
         other_ref = other(input_ids=ids).logits
@@ -183,9 +148,9 @@ def test_state_dict_is_dense_and_reloads(tmp_path):
         query.load_state_dict({"bias": torch.zeros(32)})
 
 
-def test_save_pretrained_base_model(tmp_path):
+def test_save_pretrained_base_model(tmp_path, tiny_bert):
     transformers = pytest.importorskip("transformers")
-    model = tiny_bert()
+    model = tiny_bert(tile_sparsity=0.5)
     ids = torch.randint(0, 60, (2, 7))
     rpp.sparsify(model, block_size=16, min_sparsity=0.3)
     model.save_pretrained(tmp_path)
@@ -220,8 +185,8 @@ def fake_timer(fn):
     return clock.cost
 
 
-def test_choose_layers_keeps_sparse_only_where_faster():
-    model = tiny_bert()
+def test_choose_layers_keeps_sparse_only_where_faster(tiny_bert, tiny_bert_inputs, prune_tiles):
+    model = tiny_bert(tile_sparsity=0.5)
     for i, layer in enumerate(model.encoder.layer):  # layer 0: 75% zero tiles, layer 1: 25%
         for lin in (m for m in layer.modules() if isinstance(m, nn.Linear)):
             nn.init.normal_(lin.weight)
@@ -242,10 +207,10 @@ def test_choose_layers_keeps_sparse_only_where_faster():
         torch.testing.assert_close(model(**example).last_hidden_state, ref, atol=1e-5, rtol=1e-4)
 
 
-def test_save_load_round_trip(tmp_path):
+def test_save_load_round_trip(tmp_path, tiny_bert):
     import transformers
 
-    model = tiny_bert("BertForMaskedLM")  # tied decoder / word embeddings
+    model = tiny_bert("BertForMaskedLM", tile_sparsity=0.5)  # tied decoder / word embeddings
     ids = torch.randint(0, 60, (2, 7))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -254,7 +219,7 @@ def test_save_load_round_trip(tmp_path):
     path = save_sparse(model, tmp_path / "sparse")
 
     dense_dir = tmp_path / "dense"
-    model_dense = rpp.densify(tiny_bert("BertForMaskedLM"))
+    model_dense = rpp.densify(tiny_bert("BertForMaskedLM", tile_sparsity=0.5))
     model_dense.load_state_dict(sparse_w)
     model_dense.save_pretrained(dense_dir)
     assert path.endswith(".safetensors")
@@ -278,7 +243,7 @@ def test_save_load_round_trip(tmp_path):
         plain = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "plain").eval()
         torch.testing.assert_close(plain(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
 
-        into = load_sparse(tmp_path / "sparse", model=tiny_bert("BertForMaskedLM"))
+        into = load_sparse(tmp_path / "sparse", model=tiny_bert("BertForMaskedLM", tile_sparsity=0.5))
         torch.testing.assert_close(into(input_ids=ids).logits, ref, atol=1e-5, rtol=1e-4)
 
 
