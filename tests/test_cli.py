@@ -3,42 +3,24 @@ previous run wrote is lost."""
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny_bert import write_task_csv, write_task_jsonl, write_text, write_tiny_bert  # noqa: E402
+from rpp_triton.cli import main
 
-from rpp_triton.cli import main  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def eager_optimizer(monkeypatch):
-    monkeypatch.setenv("RPP_TRITON_COMPILE", "0")
+pytestmark = pytest.mark.usefixtures("eager_optimizer")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_bert_dir, write_text, write_task_csv, write_task_jsonl):
     root = tmp_path_factory.mktemp("cli")
     return {
         "root": root,
-        "model": write_tiny_bert(root / "model"),
+        "model": tiny_bert_dir,
         "text": write_text(root / "text.txt", 120),
         "task": write_task_csv(root / "task.csv", 40),
         "jsonl": write_task_jsonl(root / "task.jsonl", 40),
     }
-
-
-def fails(argv, capsys, *needles):
-    """Run the CLI, expect exit 2 and a single error line containing every needle."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"rpp-triton {argv[0]}: error:"), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def prune_argv(files, out, *extra):
@@ -57,11 +39,11 @@ def test_help(command, capsys):
 
 
 @pytest.mark.parametrize("target", ["1.0", "-0.1", "1.5"])
-def test_target_sparsity_outside_unit_interval(files, tmp_path, capsys, target):
-    fails(prune_argv(files, tmp_path / "o", "--target-sparsity", target), capsys, "--target-sparsity")
+def test_target_sparsity_outside_unit_interval(files, tmp_path, fails, target):
+    fails(prune_argv(files, tmp_path / "o", "--target-sparsity", target), "--target-sparsity")
 
 
-def test_missing_model_path(files, tmp_path, capsys):
+def test_missing_model_path(files, tmp_path, fails):
     argv = [
         "prune",
         "--model",
@@ -71,46 +53,43 @@ def test_missing_model_path(files, tmp_path, capsys):
         "--output-dir",
         str(tmp_path / "o"),
     ]
-    fails(argv, capsys, "does not exist")
+    fails(argv, "does not exist")
 
 
-def test_missing_dataset_path(files, tmp_path, capsys):
+def test_missing_dataset_path(files, tmp_path, fails):
     argv = ["prune", "--model", files["model"], "--dataset", str(tmp_path / "missing.txt")]
-    fails([*argv, "--output-dir", str(tmp_path / "o")], capsys, "does not exist")
+    fails([*argv, "--output-dir", str(tmp_path / "o")], "does not exist")
 
 
-def test_hub_names_while_offline(files, tmp_path, capsys, monkeypatch):
+def test_hub_names_while_offline(files, tmp_path, fails, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = str(tmp_path / "o")
-    fails(["prune", "--model", "bert-base-uncased", "--output-dir", out], capsys, "offline")
-    fails(
-        ["prune", "--model", files["model"], "--dataset", "wikitext", "--output-dir", out], capsys, "offline"
-    )
-    fails(["finetune", "--model", files["model"], "--task", "sst2", "--output-dir", out], capsys, "offline")
+    fails(["prune", "--model", "bert-base-uncased", "--output-dir", out], "offline")
+    fails(["prune", "--model", files["model"], "--dataset", "wikitext", "--output-dir", out], "offline")
+    fails(["finetune", "--model", files["model"], "--task", "sst2", "--output-dir", out], "offline")
 
 
-def test_missing_text_and_label_columns(files, tmp_path, capsys):
+def test_missing_text_and_label_columns(files, tmp_path, fails):
     out = str(tmp_path / "o")
-    fails(prune_argv(files, out, "--dataset", files["task"], "--text-column", "body"), capsys, "'body'")
+    fails(prune_argv(files, out, "--dataset", files["task"], "--text-column", "body"), "'body'")
     base = ["finetune", "--model", files["model"], "--train-file", files["task"], "--output-dir", out]
-    fails([*base, "--text-column", "body"], capsys, "'body'")
-    fails([*base, "--text-column", "sentence", "--label-column", "gold"], capsys, "'gold'")
+    fails([*base, "--text-column", "body"], "'body'")
+    fails([*base, "--text-column", "sentence", "--label-column", "gold"], "'gold'")
     assert not os.path.exists(out)
 
 
-def test_bad_block_size_and_untileable_shapes(files, tmp_path, capsys):
-    fails(prune_argv(files, tmp_path / "o", "--block-size", "0"), capsys, "--block-size")
-    fails(prune_argv(files, tmp_path / "o", "--block-size", "3x5"), capsys, "block_size")
+def test_bad_block_size_and_untileable_shapes(files, tmp_path, fails):
+    fails(prune_argv(files, tmp_path / "o", "--block-size", "0"), "--block-size")
+    fails(prune_argv(files, tmp_path / "o", "--block-size", "3x5"), "block_size")
 
 
-def test_output_dir_holding_another_run_is_refused_and_kept(files, tmp_path, capsys):
+def test_output_dir_holding_another_run_is_refused_and_kept(files, tmp_path, fails):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    fails(prune_argv(files, out, *FAST), capsys, "--overwrite")
+    fails(prune_argv(files, out, *FAST), "--overwrite")
     fails(
         ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir", str(out)],
-        capsys,
     )
     assert (out / "precious.txt").read_text() == "keep me"
     assert sorted(os.listdir(out)) == ["precious.txt"]
@@ -119,12 +98,12 @@ def test_output_dir_holding_another_run_is_refused_and_kept(files, tmp_path, cap
     assert (out / "rpp_report.json").is_file() and not (out / "precious.txt").exists()
 
 
-def test_interrupted_run_is_refused(files, tmp_path, capsys):
+def test_interrupted_run_is_refused(files, tmp_path, fails):
     out = tmp_path / "out"
     partial = tmp_path / "out.partial"
     partial.mkdir()
     (partial / "checkpoint-4").mkdir()
-    fails(prune_argv(files, out, *FAST), capsys, "--resume-from-checkpoint")
+    fails(prune_argv(files, out, *FAST), "--resume-from-checkpoint")
     assert (partial / "checkpoint-4").is_dir()
 
 
@@ -150,7 +129,7 @@ DAMAGES = [
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
-def test_corrupt_or_partial_checkpoint(files, checkpoint, tmp_path, capsys, damage):
+def test_corrupt_or_partial_checkpoint(files, checkpoint, tmp_path, fails, damage):
     import shutil
 
     ckpt = tmp_path / "checkpoint-4"
@@ -175,46 +154,40 @@ def test_corrupt_or_partial_checkpoint(files, checkpoint, tmp_path, capsys, dama
             state["hard_pruned"] = "no"
         (ckpt / "rpp_controller.json").write_text(json.dumps(state))
     argv = prune_argv(files, tmp_path / "o", *FAST, "--resume-from-checkpoint", str(ckpt))
-    fails(argv, capsys, "checkpoint")
+    fails(argv, "checkpoint")
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("change", [("--target-sparsity", "0.3"), ("--seed", "7"), ("--lr", "0.001")])
-def test_resume_with_different_settings(files, checkpoint, tmp_path, capsys, change):
+def test_resume_with_different_settings(files, checkpoint, tmp_path, fails, change):
     argv = prune_argv(files, tmp_path / "o", *FAST, *change, "--resume-from-checkpoint")
-    fails([*argv, str(checkpoint)], capsys, "different settings")
+    fails([*argv, str(checkpoint)], "different settings")
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--target-sparsity", "--temperature", "--reweight-eps", "--ramp"])
-def test_nan_flags_are_refused(files, tmp_path, capsys, flag):
-    fails(prune_argv(files, tmp_path / "o", *FAST, flag, "nan"), capsys, flag)
+def test_nan_flags_are_refused(files, tmp_path, fails, flag):
+    fails(prune_argv(files, tmp_path / "o", *FAST, flag, "nan"), flag)
     assert not (tmp_path / "o.partial").exists()
 
 
-def test_bad_prune_flags(files, tmp_path, capsys):
+def test_bad_prune_flags(files, tmp_path, fails):
     out = tmp_path / "o"
-    fails(prune_argv(files, out, *FAST, "--logging-steps", "0"), capsys, "--logging-steps")
-    fails(prune_argv(files, out, *FAST, "--method", "oneshot", "--recovery-steps", "0"), capsys, "oneshot")
+    fails(prune_argv(files, out, *FAST, "--logging-steps", "0"), "--logging-steps")
+    fails(prune_argv(files, out, *FAST, "--method", "oneshot", "--recovery-steps", "0"), "oneshot")
     (tmp_path / "file").write_text("x")
-    fails(prune_argv(files, tmp_path / "file" / "o", *FAST), capsys, "which is a file")
-    fails(prune_argv(files, "/proc/rpp-out", *FAST), capsys, "cannot write")
+    fails(prune_argv(files, tmp_path / "file" / "o", *FAST), "which is a file")
+    fails(prune_argv(files, "/proc/rpp-out", *FAST), "cannot write")
     assert not out.exists() and not out.with_suffix(".partial").exists()
 
 
-def test_teacher_that_does_not_fit(files, tmp_path, capsys):
-    from tiny_bert import write_tiny_bert as write
-
-    fails(
-        prune_argv(files, tmp_path / "o", *FAST, "--teacher", str(tmp_path / "none")),
-        capsys,
-        "does not exist",
-    )
-    wide = write(tmp_path / "wide", hidden_size=48)
-    fails(prune_argv(files, tmp_path / "o", *FAST, "--teacher", wide), capsys, "hidden size")
+def test_teacher_that_does_not_fit(files, tmp_path, fails, write_tiny_bert):
+    fails(prune_argv(files, tmp_path / "o", *FAST, "--teacher", str(tmp_path / "none")), "does not exist")
+    wide = write_tiny_bert(tmp_path / "wide", hidden_size=48)
+    fails(prune_argv(files, tmp_path / "o", *FAST, "--teacher", wide), "hidden size")
     assert not (tmp_path / "o.partial").exists()
 
 
-def test_report_on_missing_or_empty_dir(tmp_path, capsys):
-    fails(["report", str(tmp_path / "none")], capsys, "does not exist")
-    fails(["report", str(tmp_path)], capsys, "safetensors")
+def test_report_on_missing_or_empty_dir(tmp_path, fails):
+    fails(["report", str(tmp_path / "none")], "does not exist")
+    fails(["report", str(tmp_path)], "safetensors")

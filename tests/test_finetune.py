@@ -4,30 +4,27 @@ were, local files with string labels, and unknown tasks refused in one line."""
 import json
 import os
 import pickle
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(__file__))
-from finetune_helpers import eager_single_thread, fails, write_glue_repo  # noqa: E402, F401
-from tiny_bert import write_task_csv, write_task_jsonl, write_text, write_tiny_bert  # noqa: E402
+from rpp_triton.cli import main
 
-from rpp_triton.cli import main  # noqa: E402
+pytestmark = pytest.mark.usefixtures("eager_single_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_bert_dir, write_task_csv, write_task_jsonl):
     root = tmp_path_factory.mktemp("finetune")
-    files = {"root": root, "model": write_tiny_bert(root / "model")}
+    files = {"root": root, "model": tiny_bert_dir}
     files["task"] = write_task_csv(root / "task.csv", 80)
     files["jsonl"] = write_task_jsonl(root / "task.jsonl", 40)
     return files
 
 
 @pytest.fixture(scope="module")
-def pruned(files):
+def pruned(files, write_text):
     """A model pruned to 60% of its 8x8 tiles."""
     mp = pytest.MonkeyPatch()
     mp.setenv("RPP_TRITON_COMPILE", "0")
@@ -72,10 +69,9 @@ def test_finetune_local_jsonl_with_string_labels(files, tmp_path):
     assert report["sparsity_before"] == report["sparsity_after"] == 0.0
 
 
-def test_unknown_task(files, tmp_path, capsys):
+def test_unknown_task(files, tmp_path, fails):
     fails(
         ["finetune", "--model", files["model"], "--task", "nope", "--output-dir", str(tmp_path / "o")],
-        capsys,
         "nope",
     )
 
@@ -92,34 +88,34 @@ def no_heavy_work(monkeypatch):
     monkeypatch.setattr(FT._QuestionAnswering, "model", never)
 
 
-def test_bad_options_fail_in_one_line_before_any_work(files, tmp_path, capsys, no_heavy_work):
+def test_bad_options_fail_in_one_line_before_any_work(files, tmp_path, fails, no_heavy_work):
     out = tmp_path / "out"
     base = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir", str(out)]
-    fails([*base, "--epochs", "nan"], capsys, "--epochs must be a finite number")
-    fails([*base, "--lr", "inf"], capsys, "--lr must be a finite number")
-    fails([*base, "--max-length", "100000"], capsys, "--max-length 100000", "64 positions")
-    fails([*base, "--regression"], capsys, "regression needs numeric labels, got 'yes'")
-    fails([*base, "--warmup-ratio", "1.5"], capsys, "--warmup-ratio")
-    fails([*base, "--lr_scheduler_type", "sometimes"], capsys, "sometimes is not a valid SchedulerType")
-    fails([*base, "--report_to", "carrier-pigeon"], capsys, "carrier-pigeon is not supported")
-    fails([*base, "--bf16", "--fp16"], capsys, "alternatives")
-    fails([*base, "--task", "squad", "--text-column", "body"], capsys, "--text-column does not apply")
-    fails([*base, "--doc-stride", "8"], capsys, "--doc-stride does not apply")
+    fails([*base, "--epochs", "nan"], "--epochs must be a finite number")
+    fails([*base, "--lr", "inf"], "--lr must be a finite number")
+    fails([*base, "--max-length", "100000"], "--max-length 100000", "64 positions")
+    fails([*base, "--regression"], "regression needs numeric labels, got 'yes'")
+    fails([*base, "--warmup-ratio", "1.5"], "--warmup-ratio")
+    fails([*base, "--lr_scheduler_type", "sometimes"], "sometimes is not a valid SchedulerType")
+    fails([*base, "--report_to", "carrier-pigeon"], "carrier-pigeon is not supported")
+    fails([*base, "--bf16", "--fp16"], "alternatives")
+    fails([*base, "--task", "squad", "--text-column", "body"], "--text-column does not apply")
+    fails([*base, "--doc-stride", "8"], "--doc-stride does not apply")
     if not torch.cuda.is_available():
-        fails([*base, "--fp16"], capsys, "--fp16 needs a CUDA device")
+        fails([*base, "--fp16"], "--fp16 needs a CUDA device")
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_unwritable_output_directory(files, tmp_path, capsys, no_heavy_work):
+def test_unwritable_output_directory(files, tmp_path, fails, no_heavy_work):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     base = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--output-dir"]
-    fails([*base, str(a_file / "out")], capsys, "which is a file")
-    fails([*base, "/proc/rpp-finetune-out"], capsys, "/proc")
+    fails([*base, str(a_file / "out")], "which is a file")
+    fails([*base, "/proc/rpp-finetune-out"], "/proc")
 
 
 @pytest.mark.parametrize("block", [[0, 0], "16", [-16, 16]], ids=str)
-def test_bad_block_size_in_the_source_report(files, tmp_path, capsys, monkeypatch, block):
+def test_bad_block_size_in_the_source_report(files, tmp_path, fails, monkeypatch, block):
     import shutil
 
     from rpp_triton.training import finetune as FT
@@ -140,7 +136,7 @@ def test_bad_block_size_in_the_source_report(files, tmp_path, capsys, monkeypatc
         "--output-dir",
         str(tmp_path / "o"),
     ]
-    fails(argv, capsys, "block_size must be two positive integers")
+    fails(argv, "block_size must be two positive integers")
     assert not (tmp_path / "o.partial").exists()
 
 
@@ -190,21 +186,23 @@ def test_bf16_runs_the_model_in_bfloat16(files, tmp_path, monkeypatch):
     assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
 
 
-def test_resume_refuses_other_seed_or_learning_rate(files, tmp_path, capsys):
+def test_resume_refuses_other_seed_or_learning_rate(files, tmp_path, capsys, fails):
     run = tmp_path / "run"
     argv = ["finetune", "--model", files["model"], "--train-file", files["jsonl"], "--max-length", "32"]
     first = ["--output-dir", str(run), "--max-steps", "4", "--save-steps", "2", "--keep-checkpoints"]
     assert main([*argv, *first]) == 0
     capsys.readouterr()
     again = ["--output-dir", str(tmp_path / "again"), "--resume-from-checkpoint", str(run / "checkpoint-2")]
-    fails([*argv, *again, "--seed", "1"], capsys, "different settings", "--seed 0 (now 1)")
-    fails([*argv, *again, "--lr", "0.001"], capsys, "different settings", "--lr 0.0001 (now 0.001)")
+    fails([*argv, *again, "--seed", "1"], "different settings", "--seed 0 (now 1)")
+    fails([*argv, *again, "--lr", "0.001"], "different settings", "--lr 0.0001 (now 0.001)")
     assert main([*argv, *again, "--max-steps", "4"]) == 0
     report = json.loads((tmp_path / "again" / "finetune_report.json").read_text())
     assert report["steps"] == 4
 
 
-def test_glue_task_from_a_local_dataset_repository(files, tmp_path, monkeypatch, capsys):
+def test_glue_task_from_a_local_dataset_repository(
+    files, tmp_path, monkeypatch, capsys, fails, write_glue_repo
+):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     write_glue_repo(tmp_path / "myorg" / "glue-copy")
@@ -215,8 +213,8 @@ def test_glue_task_from_a_local_dataset_repository(files, tmp_path, monkeypatch,
     assert report["task"] == "sst2" and report["train_examples"] == 20 and report["eval_examples"] == 6
     assert not (tmp_path / "runs").exists()  # logs stay inside the run directory
     capsys.readouterr()
-    fails([*argv, "--output-dir", "o", "--split", "dev"], capsys, "has no split 'dev'")
-    fails([*argv, "--output-dir", "o", "--dataset", "myorg/elsewhere"], capsys, "hub is offline")
+    fails([*argv, "--output-dir", "o", "--split", "dev"], "has no split 'dev'")
+    fails([*argv, "--output-dir", "o", "--dataset", "myorg/elsewhere"], "hub is offline")
 
 
 class _Remove:

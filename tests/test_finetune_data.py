@@ -4,21 +4,16 @@ configurations) named like a hub dataset, its configurations and splits, and lab
 use refused in one line."""
 
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from finetune_helpers import write_glue_repo, write_rows  # noqa: E402
-
-from rpp_triton.data.sources import DataOptions, load_raw, locate  # noqa: E402
-from rpp_triton.data.tasks import load_task  # noqa: E402
-from rpp_triton.errors import UsageError  # noqa: E402
+from rpp_triton.data.sources import DataOptions, load_raw, locate
+from rpp_triton.data.tasks import load_task
+from rpp_triton.errors import UsageError
 
 
 @pytest.fixture
-def repo(tmp_path, monkeypatch):
+def repo(tmp_path, monkeypatch, write_glue_repo):
     """`myorg/glue-copy` in the working directory, as a hub dataset would be cloned."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -93,7 +88,7 @@ def test_regression_needs_numeric_labels(tmp_path, bad):
         load_task(DataOptions(train_file=path, regression=True))
 
 
-def test_binary_f1_tasks_need_0_1_labels(tmp_path):
+def test_binary_f1_tasks_need_0_1_labels(tmp_path, write_rows):
     path = tmp_path / "mrpc.csv"
     rows = [
         {"sentence1": f"a{i}", "sentence2": "b", "label": ["equivalent", "different"][i % 2]}

@@ -13,32 +13,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(__file__))
-from tiny_bert import write_task_csv, write_text, write_tiny_bert  # noqa: E402
+from rpp_triton import tiles
+from rpp_triton.cli import main
+from rpp_triton.training import controller as C
+from rpp_triton.training import quality as Q
+from rpp_triton.training.objectives import Objective, layer_map
 
-from rpp_triton import tiles  # noqa: E402
-from rpp_triton.cli import main  # noqa: E402
-from rpp_triton.training import controller as C  # noqa: E402
-from rpp_triton.training import quality as Q  # noqa: E402
-from rpp_triton.training.objectives import Objective, layer_map  # noqa: E402
+# torch.compile of the optimizer step costs more than these tiny runs; the maths is the same.
+pytestmark = pytest.mark.usefixtures("eager_optimizer")
 
 # Small enough for ~1-2 s per run on two cores; the same-budget dense reference (a second run) is
 # tested on its own.
 FAST = ["--seq-len", "32", "--batch-size", "8", "--logging-steps", "5", "--dense-reference", "none"]
 
 
-@pytest.fixture(autouse=True)
-def eager_optimizer(monkeypatch):
-    # torch.compile of the optimizer step costs more than these tiny runs; the maths is the same.
-    monkeypatch.setenv("RPP_TRITON_COMPILE", "0")
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_bert_dir, write_text, write_task_csv):
     root = tmp_path_factory.mktemp("tiny")
     return {
         "root": root,
-        "model": write_tiny_bert(root / "model"),
+        "model": tiny_bert_dir,
         "text": write_text(root / "text.txt", 240),
         "task": write_task_csv(root / "task.csv", 80),
     }

@@ -4,34 +4,24 @@ datasets from a local dataset folder, the offline pydoc-qa set, and windows that
 
 import collections
 import json
-import os
 import re
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from finetune_helpers import write_qa_bert  # noqa: E402
-
-from rpp_triton.data.sources import DataOptions  # noqa: E402
-from rpp_triton.errors import UsageError  # noqa: E402
-from rpp_triton.qa import data as D  # noqa: E402
-from rpp_triton.qa import features as F  # noqa: E402
-from rpp_triton.qa.evaluate import evaluate_qa  # noqa: E402
-from rpp_triton.qa.metric import normalize_answer  # noqa: E402
+from rpp_triton.data.sources import DataOptions
+from rpp_triton.errors import UsageError
+from rpp_triton.qa import data as D
+from rpp_triton.qa import features as F
+from rpp_triton.qa.evaluate import evaluate_qa
+from rpp_triton.qa.metric import normalize_answer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_qa_bert(tmp_path_factory.mktemp("qa") / "model")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir):
+def tokenizer(qa_bert_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(qa_bert_dir)
 
 
 # ---- windows: pre- and post-processing --------------------------------------------------------
@@ -100,7 +90,7 @@ def test_windows_round_trip_an_answer_split_between_windows(tokenizer):
     assert preds["q1"] != ex["answers"]["text"][0]
 
 
-def test_question_longer_than_window_is_counted_and_scored_zero(model_dir, tokenizer):
+def test_question_longer_than_window_is_counted_and_scored_zero(qa_bert_dir, tokenizer):
     from transformers import AutoModelForQuestionAnswering
 
     ex = split_answer_example()
@@ -108,7 +98,7 @@ def test_question_longer_than_window_is_counted_and_scored_zero(model_dir, token
     skipped = collections.Counter()
     assert F.prepare_train_features(tokenizer, [long_q], 32, 8, skipped) == []
     assert skipped["question_too_long"] == 1
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir)
+    model = AutoModelForQuestionAnswering.from_pretrained(qa_bert_dir)
     metrics, preds, margins, skipped = evaluate_qa(model, tokenizer, [ex, long_q], False, 32, 8)
     assert skipped == {"question_too_long": 1} and metrics["total"] == 2 and "long" not in preds
     assert set(margins) == {"q1"}

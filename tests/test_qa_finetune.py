@@ -5,30 +5,43 @@ bad input refused in one line before any work."""
 import collections
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from finetune_helpers import eager_single_thread, fails, squad_json, write_qa_bert  # noqa: E402, F401
-from tiny_bert import write_text  # noqa: E402
+from rpp_triton.cli import main
+from rpp_triton.qa.data import pydoc_qa
+from rpp_triton.qa.features import prepare_train_features
 
-from rpp_triton.cli import main  # noqa: E402
-from rpp_triton.qa.data import pydoc_qa  # noqa: E402
-from rpp_triton.qa.features import prepare_train_features  # noqa: E402
+pytestmark = pytest.mark.usefixtures("eager_single_thread")
+
+
+def squad_json(rows, extra_paragraphs=()) -> dict:
+    """Rows back into SQuAD's nested format (one paragraph per context), plus raw extra entries."""
+    by_context = collections.defaultdict(list)
+    for r in rows:
+        answers = [
+            {"text": t, "answer_start": s} for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])
+        ]
+        qa = {"id": r["id"], "question": r["question"], "answers": answers}
+        if not answers:
+            qa["is_impossible"] = True
+        by_context[r["context"]].append(qa)
+    paragraphs = [{"context": c, "qas": qas} for c, qas in by_context.items()]
+    paragraphs += list(extra_paragraphs)
+    return {"version": "test", "data": [{"title": "t", "paragraphs": paragraphs}]}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, qa_bert_dir):
     root = tmp_path_factory.mktemp("qa")
     train, held = pydoc_qa(version_2=True)
     (root / "train.json").write_text(json.dumps(squad_json(train[:120])))
     (root / "dev.json").write_text(json.dumps(squad_json(held[:30])))
     return {
         "root": root,
-        "model": write_qa_bert(root / "model"),
+        "model": qa_bert_dir,
         "train": str(root / "train.json"),
         "dev": str(root / "dev.json"),
         "dev_rows": held[:30],
@@ -42,13 +55,13 @@ def tokenizer(tiny):
     return AutoTokenizer.from_pretrained(tiny["model"])
 
 
-def test_cli_bad_input(tiny, tmp_path, capsys, monkeypatch):
+def test_cli_bad_input(tiny, tmp_path, fails, monkeypatch):
     bad = tmp_path / "bad.json"
     bad.write_text('{"data": [}')
     out = str(tmp_path / "out")
     base = ["finetune", "--model", tiny["model"], "--output-dir", out]
-    fails([*base, "--task", "squad", "--train-file", str(bad)], capsys, "malformed JSON")
-    fails([*base, "--task", "squad", "--train-file", str(tmp_path / "nope.json")], capsys, "does not exist")
+    fails([*base, "--task", "squad", "--train-file", str(bad)], "malformed JSON")
+    fails([*base, "--task", "squad", "--train-file", str(tmp_path / "nope.json")], "does not exist")
     empty = tmp_path / "empty.json"
     empty.write_text(
         json.dumps(
@@ -59,16 +72,13 @@ def test_cli_bad_input(tiny, tmp_path, capsys, monkeypatch):
             }
         )
     )
-    fails(
-        [*base, "--task", "squad", "--train-file", str(empty)], capsys, "no usable questions", "empty context"
-    )
+    fails([*base, "--task", "squad", "--train-file", str(empty)], "no usable questions", "empty context")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    fails([*base, "--task", "squad_v2"], capsys, "offline", "--train-file")
-    fails(["evaluate", str(tmp_path / "missing"), "--task", "squad"], capsys, "does not exist")
-    fails(["evaluate", tiny["model"], "--task", "squad3"], capsys, "unknown question-answering task")
+    fails([*base, "--task", "squad_v2"], "offline", "--train-file")
+    fails(["evaluate", str(tmp_path / "missing"), "--task", "squad"], "does not exist")
+    fails(["evaluate", tiny["model"], "--task", "squad3"], "unknown question-answering task")
     fails(
         ["evaluate", tiny["model"], "--task", "squad", "--validation-file", str(bad)],
-        capsys,
         "malformed JSON",
     )
     assert not os.path.exists(out) and not os.path.exists(out + ".partial")
@@ -77,7 +87,7 @@ def test_cli_bad_input(tiny, tmp_path, capsys, monkeypatch):
 # ---- end to end -------------------------------------------------------------------------------
 
 
-def test_finetune_squad_v2_local_files_on_pruned_model_then_evaluate(tiny, tmp_path):
+def test_finetune_squad_v2_local_files_on_pruned_model_then_evaluate(tiny, tmp_path, write_text):
     from safetensors.torch import load_file
 
     pruned = tmp_path / "pruned"
@@ -153,7 +163,7 @@ def test_finetune_offline_pydoc_qa_improves_over_start(tiny, tokenizer, tmp_path
     assert end < 0.8 * start, (start, end)
 
 
-def test_evaluate_refuses_bad_options_before_scoring(tiny, tmp_path, capsys, monkeypatch):
+def test_evaluate_refuses_bad_options_before_scoring(tiny, tmp_path, fails, monkeypatch):
     from rpp_triton.training import finetune as FT
 
     def never(*args, **kwargs):
@@ -162,13 +172,13 @@ def test_evaluate_refuses_bad_options_before_scoring(tiny, tmp_path, capsys, mon
     monkeypatch.setattr(FT, "evaluate_qa", never)
     monkeypatch.setattr(FT._QuestionAnswering, "model", never)
     base = ["evaluate", tiny["model"], "--task", "squad_v2", "--validation-file", tiny["dev"]]
-    fails([*base, "--output", "/proc/scores.json"], capsys, "cannot write", "/proc")
+    fails([*base, "--output", "/proc/scores.json"], "cannot write", "/proc")
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    fails([*base, "--output", str(a_file / "scores.json")], capsys, "which is a file")
-    fails([*base, "--output", str(tmp_path)], capsys, "is a directory")
-    fails([*base, "--max-length", "100000"], capsys, "--max-length 100000", "128 positions")
-    fails([*base, "--null-threshold", "nan"], capsys, "--null-threshold")
-    fails([*base, "--max-length", "64", "--doc-stride", "32"], capsys, "--doc-stride")
-    fails([*base, "--max-answer-length", "0"], capsys, "--max-answer-length")
+    fails([*base, "--output", str(a_file / "scores.json")], "which is a file")
+    fails([*base, "--output", str(tmp_path)], "is a directory")
+    fails([*base, "--max-length", "100000"], "--max-length 100000", "128 positions")
+    fails([*base, "--null-threshold", "nan"], "--null-threshold")
+    fails([*base, "--max-length", "64", "--doc-stride", "32"], "--doc-stride")
+    fails([*base, "--max-answer-length", "0"], "--max-answer-length")
     assert not list(tmp_path.glob("*.partial"))
