@@ -188,6 +188,21 @@ def test_teacher_that_does_not_fit(files, tmp_path, fails, write_tiny_bert):
     assert not (tmp_path / "o.partial").exists()
 
 
+@pytest.mark.parametrize("command", ["prune", "finetune"])
+def test_model_directory_without_tokenizer_files(files, tmp_path, fails, command):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(files["model"], bare)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    argv = prune_argv(files, tmp_path / "o", *FAST, "--model", str(bare))
+    if command == "finetune":
+        argv = ["finetune", "--model", str(bare), "--output-dir", str(tmp_path / "o"), "--max-steps", "2"]
+    fails(argv, "no tokenizer files")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
 def test_report_on_missing_or_empty_dir(tmp_path, fails):
     fails(["report", str(tmp_path / "none")], "does not exist")
     fails(["report", str(tmp_path)], "safetensors")
