@@ -66,13 +66,13 @@ def register(subparsers) -> None:
 
     steps = p.add_argument_group("budget")
     steps.add_argument(
-        "--max-steps", type=int, help="total optimizer steps (default 100 embedded, else 2000)"
+        "--max-steps", type=int, help="total optimizer steps (default 400 embedded, else 2000)"
     )
     steps.add_argument(
         "--dense-steps", type=int, help="unpruned steps first (default: 10%% with masked LM, else 0)"
     )
     steps.add_argument(
-        "--recovery-steps", type=int, help="frozen-mask steps after the hard prune (default 15%%)"
+        "--recovery-steps", type=int, help="frozen-mask steps after the hard prune (default 40%%)"
     )
     steps.add_argument(
         "--seq-len", type=int, help="tokens per training block (default 64 embedded, else 128)"
@@ -83,7 +83,8 @@ def register(subparsers) -> None:
     steps.add_argument(
         "--lr",
         type=float,
-        help="learning rate (default 2e-4; LAMB: 2e-4 x sqrt(total batch / 8, or 32 off the default))",
+        help="learning rate (default 1e-3 embedded, else 1e-4; LAMB: that x sqrt(total batch / 8, or / 32 "
+        "off the embedded default))",
     )
     steps.add_argument("--weight-decay", type=float, default=0.0)
     steps.add_argument("--mlm-probability", type=float, default=0.15)
