@@ -38,7 +38,7 @@ def check_output_dir(out: str, overwrite: bool, resume: str | None) -> str:
     partial = out.rstrip(os.sep) + ".partial"
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"output path {out!r} is a file, not a directory")
-    _check_writable(os.path.dirname(os.path.abspath(partial)), out)
+    check_writable(os.path.dirname(os.path.abspath(partial)), out)
     if os.path.isdir(out) and os.listdir(out) and not (overwrite or resume):
         raise UsageError(f"output directory {out!r} holds another run; pass --overwrite to replace it")
     if os.path.isdir(partial) and os.listdir(partial) and not (overwrite or resume):
@@ -49,8 +49,9 @@ def check_output_dir(out: str, overwrite: bool, resume: str | None) -> str:
     return partial
 
 
-def _check_writable(directory: str, out: str) -> None:
-    """The nearest existing folder above the output can take a new folder (tried, then removed)."""
+def check_writable(directory: str, out: str) -> None:
+    """The nearest existing folder at or above `directory` can take something new for `out` (a
+    folder is made there and removed); a UsageError otherwise."""
     import tempfile
 
     while not os.path.exists(directory):

@@ -8,7 +8,7 @@ import torch
 
 from rpp_triton.artifacts import REPORT_FILE, read_report, report_block
 from rpp_triton.errors import UsageError
-from rpp_triton.tiles import as_block, layer_table, tile_rows
+from rpp_triton.tiles import as_block, divides, layer_table, tile_rows
 
 
 def load_layers(model_dir: str, block=None) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -28,6 +28,10 @@ def load_layers(model_dir: str, block=None) -> tuple[dict, dict[str, torch.Tenso
     if not names:
         raise UsageError(f"{model_dir!r} has no encoder attention/feed-forward weights to report on")
     block = as_block(block) if block else report_block(report, model_dir)
+    for name in names:
+        if not divides(weights[name].shape, block):
+            shape = "x".join(map(str, weights[name].shape))
+            raise UsageError(f"{block[0]}x{block[1]} tiles do not divide {name} ({shape})")
     return {**report, "block_size": list(block)}, {n: weights[n] for n in names}
 
 
@@ -123,3 +127,24 @@ def _short(name: str) -> str:
 
     name = re.sub(r"^.*?layer\.(\d+)\.", r"L\1 ", name).removesuffix(".weight")
     return name.replace("attention.self.", "attn.").replace("attention.output.dense", "attn.out")
+
+
+def quality_lines(report: dict) -> list[str]:
+    """A prune run's quality in a few lines: the method, then dense beside pruned on every measure
+    its rpp_report.json holds (none for reports without one)."""
+    quality = report.get("quality") or {}
+    pruned, dense = quality.get("pruned") or {}, quality.get("dense") or {}
+    names = [k for k in ("embedding_fidelity", "topic_accuracy", "mlm_accuracy") if k in pruned]
+    if not names:
+        return []
+    bh, bw = report.get("block_size", (1, 1))
+    lines = [
+        f"{report.get('method', '?')} on {report.get('objective', '?')}: {report.get('sparsity', 0):.1%} "
+        f"of the encoder weights zero ({bh}x{bw} tiles, target {report.get('target_sparsity', 0):.0%})",
+        f"  {'':10}" + "".join(f"{n:>20}" for n in names),
+    ]
+    for label, row in (("dense", dense), ("pruned", pruned)):
+        lines.append(f"  {label:10}" + "".join(f"{row.get(n, float('nan')):>20.4f}" for n in names))
+    if report.get("dense_reference"):
+        lines.append(f"  dense reference: {report['dense_reference']}")
+    return lines

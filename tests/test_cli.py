@@ -206,3 +206,9 @@ def test_model_directory_without_tokenizer_files(files, tmp_path, fails, command
 def test_report_on_missing_or_empty_dir(tmp_path, fails):
     fails(["report", str(tmp_path / "none")], "does not exist")
     fails(["report", str(tmp_path)], "safetensors")
+
+
+def test_report_refuses_untileable_block_and_unwritable_png(files, tmp_path, fails):
+    fails(["report", files["model"], "--block-size", "7"], "7x7 tiles do not divide")
+    fails(["report", files["model"], "--png", "/proc/rpp-tiles.png"], "cannot write")
+    fails(["report", files["model"], "--png", str(tmp_path)], "is a directory")

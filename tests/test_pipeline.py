@@ -242,6 +242,10 @@ def test_report_command_prints_table_and_png(pruned, tmp_path, capsys):
     assert main(["report", str(src), "--png", str(png)]) == 0
     text = capsys.readouterr().out
     assert "bert.encoder.layer.1.output.dense.weight" in text and "60.16%" in text
+    # dense beside pruned, on the measures the run wrote
+    assert "rpp on mlm+distill" in text and "embedding_fidelity" in text and "topic_accuracy" in text
+    pruned_row = next(line for line in text.splitlines() if line.strip().startswith("pruned"))
+    assert f"{report['quality']['pruned']['topic_accuracy']:.4f}" in pruned_row
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from rpp_triton.errors import UsageError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -21,19 +23,22 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from rpp_triton import report as R
+    from rpp_triton.artifacts import check_writable
     from rpp_triton.commands.common import block_size_arg
 
     block = block_size_arg(args.block_size) if args.block_size else None
+    png = args.png or os.path.join(args.model_dir, "rpp_tiles.png")
+    if os.path.isdir(png):
+        raise UsageError(f"--png {png!r} is a directory")
+    check_writable(os.path.dirname(os.path.abspath(png)), png)
     info, weights = R.load_layers(args.model_dir, block)
     rows, text = R.table(weights, info["block_size"])
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         print(text)
-        for key, label in (("dense", "dense"), ("pruned", "pruned")):
-            m = info.get(key)
-            if m and m.get("mlm_accuracy") is not None:
-                print(f"masked LM ({label}): accuracy {m['mlm_accuracy']:.4f}, loss {m['mlm_loss']:.4f}")
+        for line in R.quality_lines(info):
+            print(line)
         if info.get("finetune"):
             metrics = info["finetune"]["metrics"]
             print(
@@ -44,7 +49,6 @@ def run(args) -> int:
                     if k in ("accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman")
                 )
             )
-    png = args.png or os.path.join(args.model_dir, "rpp_tiles.png")
     R.picture(weights, info["block_size"], png)
     if not args.json:
         print(f"wrote {png}")

@@ -408,7 +408,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     if config.output is not None:
         if os.path.isdir(config.output):
             raise UsageError(f"--output {config.output!r} is a directory")
-        A._check_writable(os.path.dirname(os.path.abspath(config.output)), config.output)
+        A.check_writable(os.path.dirname(os.path.abspath(config.output)), config.output)
     model_name, _ = resolve_model(config.model_dir)
     cfg = config.resolved(max_positions(model_name, None))
     task = _QuestionAnswering(cfg, need_train=False)

@@ -14,6 +14,7 @@ import time
 
 from rpp_triton import artifacts as A
 from rpp_triton.errors import UsageError
+from rpp_triton.report import quality_lines
 from rpp_triton.tiles import layer_table, sparsity_of
 from rpp_triton.training.config import PruneConfig
 from rpp_triton.training.controller import CONTROLLERS
@@ -350,26 +351,5 @@ def prune(config: PruneConfig) -> dict:
         A.write_json(partial, A.LOG_FILE, trainer.state.log_history)
         A.write_json(partial, A.REPORT_FILE, report)
         A.publish(partial, cfg.output_dir, cfg.keep_checkpoints)
-        print(summary(report, cfg.output_dir))
+        print("\n".join([*quality_lines(report), f"wrote {cfg.output_dir} ({report['seconds']} s)"]))
     return report
-
-
-def summary(report: dict, out: str) -> str:
-    """The few lines a person reads after a run: dense beside pruned, on every measure."""
-    names = [
-        k
-        for k in ("embedding_fidelity", "topic_accuracy", "mlm_accuracy")
-        if k in report["quality"]["pruned"]
-    ]
-    bh, bw = report["block_size"]
-    lines = [
-        f"{report['method']} on {report['objective']}: {report['sparsity']:.1%} of the encoder weights zero "
-        f"({bh}x{bw} tiles, target {report['target_sparsity']:.0%})",
-        f"  {'':28}" + "".join(f"{n:>20}" for n in names),
-    ]
-    for key, label in (("dense", "dense"), ("pruned", "pruned")):
-        row = report["quality"][key]
-        lines.append(f"  {label:28}" + "".join(f"{row.get(n, float('nan')):>20.4f}" for n in names))
-    lines.append(f"  dense reference: {report['dense_reference']}")
-    lines.append(f"wrote {out} ({report['seconds']} s)")
-    return "\n".join(lines)
