@@ -120,9 +120,13 @@ def linear_case(benchmark, device, dtype, shape, m, sparsity, tile, impl, rounds
         )
         t, graphed = run(benchmark, fn, device, rounds, graph=True)
     flops = 2 * m * in_f * out_f
+    tiles = linear.weight.reshape(out_f // tile, tile, in_f // tile, tile).ne(0).any(3).any(1)
+    stored = int(tiles.sum())
     info = dict(
         impl=impl, shape=[m, in_f, out_f], dtype=str(dtype), sparsity=sparsity, tile=[tile, tile],
-        device=device_name(device), cuda_graph=graphed,
+        device=device_name(device), cuda_graph=graphed, stored_tiles=stored,
+        # The roofline's memory floor: x, y and the stored tiles, each moved once.
+        floor_bytes=(m * in_f + m * out_f + stored * tile * tile) * x.element_size(),
     )  # fmt: skip
     tflop = {"dense_equiv_tflops": flops / 1e12, "useful_tflops": flops * (1 - sparsity) / 1e12}
     record(benchmark, t, info, tflop)

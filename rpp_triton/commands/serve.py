@@ -23,13 +23,21 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if unset else super()._get_help_string(action)
 
 
+def _integers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve a (pruned) model over HTTP: embeddings, task heads, health, metrics",
         description=(
             "Load MODEL_DIR (a save_pretrained directory with its tokenizer), swap its sparse Linear "
-            "layers for block-sparse ones, warm it up and serve POST /v1/embed, /v1/embeddings "
+            "layers for block-sparse ones, keep those faster than dense, compile on a GPU, warm it up "
+            "and serve POST /v1/embed, /v1/embeddings "
             "(OpenAI), /embed (text-embeddings-inference), /v1/classify or /v1/qa when the model has "
             "that head, GET /health, /info, /metrics and /docs. Every limit below answers a 4xx."
         ),
@@ -94,7 +102,43 @@ def register(subparsers) -> None:
         "--dtype", default=LoadConfig.dtype, choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU"
     )
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    m.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up forward")
+    m.add_argument(
+        "--choose-layers",
+        action=argparse.BooleanOptionalAction,
+        default=LoadConfig.choose_layers,
+        help="at warm-up, time each block-sparse layer against dense on a representative batch (max "
+        "batch size x 128 tokens on a GPU, 8 x 64 on a CPU) and keep it block-sparse only where that "
+        "is faster (GET /info shows the times)",
+    )
+    m.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="report ready without a warm-up forward (layers are not chosen, CUDA graphs are "
+        "captured by the first requests)",
+    )
+
+    c = p.add_argument_group("compile")
+    c.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=LoadConfig.compile,
+        help="torch.compile the model, with CUDA graphs captured per bucket at warm-up on a GPU "
+        "(default: on for CUDA, off on CPU)",
+    )
+    c.add_argument(
+        "--batch-buckets",
+        type=_integers,
+        default=None,
+        help="batch sizes each batch is padded up to, e.g. 1,8 (the max batch size is always one; "
+        "default with --compile: 1,8; without it and without buckets, batches are not padded)",
+    )
+    c.add_argument(
+        "--length-buckets",
+        type=_integers,
+        default=None,
+        help="token lengths each batch is padded up to, e.g. 32,64,128 (max tokens is always one; "
+        "default with --compile: 32,64,128)",
+    )
 
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-inputs", type=int, default=ServerConfig.max_inputs, help="inputs per request")
@@ -170,6 +214,10 @@ def configs(args) -> tuple[LoadConfig, ServerConfig, HttpConfig, RayConfig | Non
             truncate=args.on_long == "truncate",
             threads=args.threads,
             doc_stride=args.doc_stride,
+            choose_layers=args.choose_layers,
+            compile=args.compile,
+            batch_buckets=args.batch_buckets,
+            length_buckets=args.length_buckets,
         )
         server = ServerConfig(
             max_inputs=args.max_inputs,

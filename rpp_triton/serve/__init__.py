@@ -1,7 +1,8 @@
 """Inference server for (pruned, block-sparse) BERT-family encoders.
 
 - `config`: the typed options (limits, model loading, HTTP, Ray), checked when built.
-- `predictor.Predictor`: loads a model directory, sparsifies it, tokenizes, runs the batched forward.
+- `predictor.Predictor`: loads a model directory, sparsifies it where that is faster, compiles it,
+  tokenizes, runs the batched forward (padded to bucket shapes when compiled).
 - `batching.DynamicBatcher`: groups concurrent requests into batches for one worker thread.
 - `service.Service`: the engine the routes call (state, limits, batching); no HTTP in it.
 - `errors`: error kinds and the one table of their HTTP statuses.

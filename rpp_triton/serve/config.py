@@ -31,6 +31,17 @@ def check_number(owner, name: str, low: float, *, above: bool = False, integer: 
         raise ValueError(f"{name} must be {what} {'>' if above else '>='} {low:g}, got {value!r}")
 
 
+def check_buckets(owner, name: str, low: int) -> None:
+    """`owner.name`, when set, becomes a sorted tuple of distinct integers >= `low` (at least one)."""
+    value = getattr(owner, name)
+    if value is None:
+        return
+    items = tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not items or not all(isinstance(b, int) and not isinstance(b, bool) and b >= low for b in items):
+        raise ValueError(f"{name} must be one or more integers >= {low}, got {value!r}")
+    object.__setattr__(owner, name, tuple(sorted(set(items))))
+
+
 def check_choice(owner, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(owner, name)
     if value not in choices:
@@ -67,8 +78,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class LoadConfig:
-    """How the model directory is loaded: device, precision, which layers run block-sparse, and the
-    tokenization limits."""
+    """How the model directory is loaded and run: device, precision, which layers run block-sparse,
+    compilation with the shapes batches are padded to, and the tokenization limits."""
 
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     dtype: str = "auto"
@@ -80,6 +91,12 @@ class LoadConfig:
     truncate: bool = True  # over-long inputs: truncate, or refuse with 413
     threads: int | None = None  # torch CPU threads; None: torch's choice
     doc_stride: int | None = None  # question-answering window overlap; None: max_tokens // 3
+    choose_layers: bool = True  # at warm-up a layer stays block-sparse only where that measures faster
+    compile: bool | None = None  # torch.compile, CUDA graphs on a GPU; None: on for CUDA, off on CPU
+    # Batches are padded up to the smallest bucket that holds them (the limits, max batch size and
+    # max tokens, are always buckets). None: 1, 8 and 32, 64, 128 with compile, no padding without.
+    batch_buckets: tuple[int, ...] | None = None
+    length_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self):
         check_choice(self, "dtype", DTYPES)
@@ -90,6 +107,8 @@ class LoadConfig:
         check_number(self, "max_tokens", 2, integer=True)
         check_number(self, "threads", 1, integer=True)
         check_number(self, "doc_stride", 0, integer=True)
+        check_buckets(self, "batch_buckets", 1)
+        check_buckets(self, "length_buckets", 2)
         if self.block_size is not None:
             from rpp_triton.tiles import as_block
 

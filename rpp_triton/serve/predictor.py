@@ -1,6 +1,10 @@
 """Model side of the inference server: load a model directory, swap its sparse Linear layers for
 block-sparse ones, tokenize, and run one padded batch forward.
 
+Before serving, `Predictor.prepare` keeps a layer block-sparse only where it measures faster than
+dense on a representative batch, and compiles the model (CUDA graphs on a GPU); a compiled model
+sees a few bucket shapes only, each batch padded up to the smallest that holds it.
+
 Every route shares one forward: a batch holds tokenized sequences, the encoder runs once, and each
 sequence gets back its mean-pooled embedding plus whatever head the model has (classification
 logits, or question-answering start/end logits). Routes only differ in tokenization (single text,
@@ -20,6 +24,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +116,12 @@ class ModelInfo:
     weight_tile_sparsity: float = 0.0
     sparse_error: str | None = None
     pruning: dict | None = None  # sparsity, target and block size from rpp_report.json
+    # choose_layers at warm-up: {"shape": [sequences, tokens], "layers": {name: {sparse, sparse_s, dense_s}}}
+    layer_choice: dict | None = None
+    compiled: bool = False
+    compile_mode: str | None = None
+    batch_buckets: list[int] = field(default_factory=list)  # empty: batches are not padded
+    length_buckets: list[int] = field(default_factory=list)
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
 
@@ -198,14 +209,24 @@ def _tokenizing(method):
 
 
 class Predictor:
-    """A loaded model plus its tokenizer. Thread use: `encode_*` from any thread, `forward` from one."""
+    """A loaded model plus its tokenizer. Thread use: `encode_*` from any thread, `forward` from one.
 
-    def __init__(self, model, tokenizer, *, info: ModelInfo, device: torch.device, truncate: bool = True):
+    `prepare` gets it ready for the server's batches: block-sparse only where faster, compiled, and
+    each batch padded to a bucket shape, which the warm-up runs once (capturing its CUDA graph)."""
+
+    def __init__(self, model, tokenizer, *, info: ModelInfo, device: torch.device, options: LoadConfig):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
         self.device = device
-        self.truncate = truncate
+        self.options = options
+        self.truncate = options.truncate
+        self.compile = device.type == "cuda" if options.compile is None else options.compile
+        self.cuda_graphs = self.compile and device.type == "cuda"  # mode="reduce-overhead"
+        self.batch_buckets: tuple[int, ...] = ()  # set by `prepare`; empty: no padding
+        self.length_buckets: tuple[int, ...] = ()
+        # CUDA graphs are recorded per thread: every forward of a compiled model runs on this one.
+        self._model_thread: ThreadPoolExecutor | None = None
         self.max_tokens = info.max_tokens
         self.tasks = set(info.tasks)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -279,7 +300,7 @@ class Predictor:
                 model, block, options.min_sparsity, options.backend
             )
         info.load_seconds = time.perf_counter() - start
-        return cls(model, source.tokenizer, info=info, device=dev, truncate=options.truncate)
+        return cls(model, source.tokenizer, info=info, device=dev, options=options)
 
     # ----------------------------------------------------------- tokenization
     @_tokenizing
@@ -345,47 +366,122 @@ class Predictor:
         return encoded
 
     # ---------------------------------------------------------------- forward
-    @torch.inference_mode()
     def forward(self, batch: list[Encoded]) -> list[SequenceOutput]:
-        """Pad `batch` to its longest sequence, run the model once, split the outputs per sequence."""
+        """Pad `batch` to its longest sequence, or to the smallest bucket that holds it, run the model
+        once, and split the outputs per sequence (padding rows and columns dropped)."""
         if not batch:
             return []
-        n, width = len(batch), max(len(e) for e in batch)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        types = torch.zeros((n, width), dtype=torch.long) if self.uses_token_types else None
+        if self._model_thread is None:
+            return self._run(batch)
+        return self._model_thread.submit(self._run, batch).result()
+
+    def padded_shape(self, n: int, width: int) -> tuple[int, int]:
+        """(sequences, tokens) of the model input for `n` sequences of at most `width` tokens."""
+        rows = next((b for b in self.batch_buckets if b >= n), n)
+        return rows, next((b for b in self.length_buckets if b >= width), width)
+
+    def _inputs(self, batch: list[Encoded]) -> dict[str, torch.Tensor]:
+        """The padded model input on the device: pad ids, attention mask and token types 0 past each
+        sequence and in the padding rows."""
+        rows, width = self.padded_shape(len(batch), max(len(e) for e in batch))
+        ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((rows, width), dtype=torch.long)
+        types = torch.zeros((rows, width), dtype=torch.long) if self.uses_token_types else None
         for i, e in enumerate(batch):
             ids[i, : len(e)] = torch.tensor(e.input_ids)
             mask[i, : len(e)] = 1
             if types is not None and e.token_type_ids is not None:
                 types[i, : len(e)] = torch.tensor(e.token_type_ids)
-        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        inputs = {"input_ids": ids, "attention_mask": mask}
         if types is not None:
-            inputs["token_type_ids"] = types.to(self.device)
-        has_head = len(self.tasks) > 1
+            inputs["token_type_ids"] = types
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    @torch.inference_mode()
+    def _run(self, batch: list[Encoded]) -> list[SequenceOutput]:
+        inputs = self._inputs(batch)
+        n, has_head = len(batch), len(self.tasks) > 1
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous batch's outputs are read
         out = self.model(**inputs, output_hidden_states=has_head, return_dict=True)
         hidden = out.hidden_states[-1] if has_head else out.last_hidden_state
-        embeddings = mean_pool(hidden, inputs["attention_mask"]).cpu().tolist()
+        embeddings = mean_pool(hidden[:n], inputs["attention_mask"][:n]).cpu().tolist()
         results = [SequenceOutput(embedding=emb) for emb in embeddings]
         if "classify" in self.tasks:
-            for r, row in zip(results, out.logits.float().cpu().tolist()):
+            for r, row in zip(results, out.logits[:n].float().cpu().tolist()):
                 r.logits = row
         if "qa" in self.tasks:
-            starts, ends = out.start_logits.float().cpu(), out.end_logits.float().cpu()
+            starts, ends = out.start_logits[:n].float().cpu(), out.end_logits[:n].float().cpu()
             for i, (r, e) in enumerate(zip(results, batch)):
                 r.start_logits = starts[i, : len(e)].tolist()
                 r.end_logits = ends[i, : len(e)].tolist()
         return results
 
-    def warmup(self, batch_size: int = 8, seq_len: int = 64) -> float:
-        """Run a few forwards at the shapes the server will see (compiles kernels, fills caches)."""
+    def _filler(self, n: int, length: int) -> list[Encoded]:
+        """`n` sequences of `length` tokens for warm-up and timing (the shape is all that matters)."""
+        token = self.tokenizer.unk_token_id if self.tokenizer.unk_token_id is not None else self.pad_id
+        return [Encoded([token] * length, [0] * length if self.uses_token_types else None)] * n
+
+    # ------------------------------------------------------------ warm-up
+    def prepare(self, max_batch_size: int, warmup: bool = True, timer=None) -> float:
+        """Get ready for batches of up to `max_batch_size` sequences; returns the seconds it took.
+
+        Batches are padded to buckets when the model is compiled or buckets are given. With
+        `warmup`: each block-sparse layer stays only where it is faster than dense on a
+        representative batch (`choose_layers`, timed by `timer`); then, once compiled, the model runs
+        at every bucket shape (twice with CUDA graphs: warm-up, then capture), or at two typical
+        shapes without buckets. Call it once."""
         start = time.perf_counter()
-        seq_len = max(2, min(seq_len, self.max_tokens))
-        filler = self.tokenizer.unk_token_id if self.tokenizer.unk_token_id is not None else self.pad_id
-        for n, length in ((1, min(16, seq_len)), (batch_size, seq_len)):
-            self.forward([Encoded([filler] * length, [0] * length if self.uses_token_types else None)] * n)
-        self.info.warmup_seconds = time.perf_counter() - start
-        return self.info.warmup_seconds
+        options, info = self.options, self.info
+        if self.compile or options.batch_buckets or options.length_buckets:
+            self.batch_buckets = _buckets(options.batch_buckets or (1, 8), max_batch_size)
+            self.length_buckets = _buckets(options.length_buckets or (32, 64, 128), self.max_tokens)
+            info.batch_buckets, info.length_buckets = list(self.batch_buckets), list(self.length_buckets)
+        if warmup and options.choose_layers and info.sparse_layers:
+            self._choose_layers(max_batch_size, timer)
+        if self.compile:
+            from rpp_triton.sparse import compile_sparse
+
+            if len(self.tasks) > 1:
+                # transformers installs its hidden-state hooks on the first call that asks for hidden
+                # states, under a lock that torch.compile cannot trace: make that call eagerly.
+                self._run(self._filler(1, 2))
+            mode = "reduce-overhead" if self.cuda_graphs else None
+            # Dynamic shapes: one compiled graph serves every bucket (batch 1 gets its own), while
+            # CUDA graphs are still recorded per bucket shape.
+            self.model = compile_sparse(self.model, mode=mode, dynamic=True)
+            self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="rpp-model")
+            info.compiled, info.compile_mode = True, mode or "default"
+        if warmup:
+            if self.batch_buckets:
+                shapes = [(b, n) for b in self.batch_buckets for n in self.length_buckets]
+            else:
+                shapes = [(1, min(16, self.max_tokens)), (min(8, max_batch_size), min(64, self.max_tokens))]
+            for n, length in shapes:
+                for _ in range(2 if self.cuda_graphs else 1):
+                    self.forward(self._filler(n, length))
+            info.warmup_seconds = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    def _choose_layers(self, max_batch_size: int, timer) -> None:
+        """Densify the block-sparse layers that are slower than dense on a representative batch: max
+        batch size x 128 tokens on a GPU, a modest 8 x 64 on a CPU (a warm-up of a few seconds)."""
+        from rpp_triton.sparse import best_time, choose_layers
+
+        on_gpu = self.device.type == "cuda"
+        n = max_batch_size if on_gpu else min(8, max_batch_size)
+        length = min(128 if on_gpu else 64, self.max_tokens)
+        timer = timer or (_graph_time if self.cuda_graphs else best_time)
+        report = choose_layers(self.model, self._inputs(self._filler(n, length)), timer=timer)
+        self.info.sparse_layers = _sparse_layers(self.model)
+        self.info.layer_choice = {"shape": [n, length], "layers": report}
+        log.info(
+            "choose_layers: %d of %d layers sparse (faster than dense on %d sequences x %d tokens)",
+            sum(r["sparse"] for r in report.values()),
+            len(report),
+            n,
+            length,
+        )
 
     # -------------------------------------------------------- post-processing
     def classification(self, out: SequenceOutput) -> dict:
@@ -453,19 +549,47 @@ class Predictor:
         return results
 
 
+def _buckets(given: tuple[int, ...], limit: int) -> tuple[int, ...]:
+    """`given` below `limit`, and `limit` itself, in order."""
+    return tuple(sorted({b for b in given if b < limit} | {limit}))
+
+
+def _graph_time(fn) -> float:
+    """`best_time` of replaying `fn` from a CUDA graph: a layer's cost inside a captured model, with
+    no launch overhead (eager timing if capture fails)."""
+    from rpp_triton.sparse import best_time
+
+    fn()  # compile and autotune before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as exc:
+        log.warning("timing eagerly, CUDA graph capture failed: %s", _first_line(exc))
+        return best_time(fn)
+    return best_time(graph.replay)
+
+
+def _sparse_layers(model) -> list[str]:
+    from rpp_triton.sparse import BlockSparseLinear
+
+    return [name for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
+
+
 def _sparsify(
     model, block_size: tuple[int, int], min_sparsity: float, backend: str
 ) -> tuple[list, str | None]:
     """Swap sparse Linear layers for BlockSparseLinear. Returns (names of the swapped layers, why
     none were or None)."""
     try:
-        from rpp_triton.sparse import BlockSparseLinear, sparsify
+        from rpp_triton.sparse import sparsify
     except ImportError as exc:
         reason = f"rpp_triton.sparse is not available ({exc}); serving the dense model"
         log.warning(reason)
         return [], reason
     sparsify(model, block_size=block_size, min_sparsity=min_sparsity, backend=backend)
-    swapped = [name for name, m in model.named_modules() if isinstance(m, BlockSparseLinear)]
+    swapped = _sparse_layers(model)
     log.info(
         "sparsified %d Linear layers (block %s, min tile sparsity %.2f)",
         len(swapped),

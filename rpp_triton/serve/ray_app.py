@@ -63,8 +63,7 @@ class RPPDeployment:
         self._forward.set_max_batch_size(cfg.max_batch_size)
         self._forward.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)
         self.predictor = Predictor.from_pretrained(model_dir, load)
-        if cfg.warmup:
-            self.predictor.warmup(batch_size=min(8, cfg.max_batch_size))
+        self.predictor.prepare(cfg.max_batch_size, warmup=cfg.warmup)
         self.service.set_ready(self.predictor)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)

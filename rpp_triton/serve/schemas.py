@@ -174,6 +174,17 @@ class Limits(BaseModel):
     request_timeout_s: float
 
 
+class LayerTiming(BaseModel):
+    sparse: bool = Field(description="runs block-sparse: it measured faster than dense")
+    sparse_s: float = Field(description="seconds per call, block-sparse")
+    dense_s: float = Field(description="seconds per call, dense F.linear")
+
+
+class LayerChoice(BaseModel):
+    shape: list[int] = Field(description="[sequences, tokens] of the batch the layers were timed on")
+    layers: dict[str, LayerTiming]
+
+
 class Info(BaseModel):
     model_id: str = Field(description="the model directory's name")
     architecture: str
@@ -188,6 +199,13 @@ class Info(BaseModel):
     sparse_layers: list[str] = Field(description="Linear layers running block-sparse")
     linear_layers: int
     sparse_error: str | None = Field(description="why no layer runs block-sparse, when sparse serving failed")
+    layer_choice: LayerChoice | None = Field(
+        description="the warm-up's timing of each block-sparse layer against dense (null: not run)"
+    )
+    compiled: bool = Field(description="the model runs under torch.compile")
+    compile_mode: str | None = Field(description="reduce-overhead (CUDA graphs) or default; null: eager")
+    batch_buckets: list[int] = Field(description="batch sizes a batch is padded up to (empty: no padding)")
+    length_buckets: list[int] = Field(description="token lengths a batch is padded up to (empty: no padding)")
     doc_stride: int = Field(description="tokens of overlap between question-answering windows")
     load_seconds: float
     warmup_seconds: float

@@ -167,10 +167,10 @@ class LocalService(Service):
     def _load_and_warm(self) -> None:
         try:
             predictor = self._load()
-            if self.config.warmup:
-                seconds = predictor.warmup(batch_size=min(8, self.config.max_batch_size))
-                log.info("warm-up took %.2f s", seconds)
             cfg = self.config
+            seconds = predictor.prepare(cfg.max_batch_size, warmup=cfg.warmup)
+            if cfg.warmup:
+                log.info("warm-up took %.2f s", seconds)
             self.batcher = DynamicBatcher(
                 predictor.forward,
                 max_batch_size=cfg.max_batch_size,
@@ -184,11 +184,12 @@ class LocalService(Service):
                 self.set_ready(predictor)
                 info = predictor.info
                 log.info(
-                    "ready: %s on %s (%s), %d sparse Linear layers",
+                    "ready: %s on %s (%s), %d sparse Linear layers, compiled: %s",
                     info.architecture,
                     info.device,
                     info.dtype,
                     len(info.sparse_layers),
+                    info.compile_mode or "no",
                 )
         except Exception as exc:  # noqa: BLE001 - reported through /health and on_failure
             log.exception("loading the model failed")
