@@ -22,9 +22,8 @@ from ray import serve
 
 from rpp_triton.serve.app import build_app
 from rpp_triton.serve.batching import RequestTimeout, split_by_budget
-from rpp_triton.serve.config import HttpConfig, LoadConfig, RayConfig, ServerConfig
+from rpp_triton.serve.config import HttpConfig, LoadConfig, RayConfig, ServerConfig, is_loopback
 from rpp_triton.serve.predictor import Encoded, Predictor, SequenceOutput
-from rpp_triton.serve.server import is_loopback
 from rpp_triton.serve.service import Service
 
 log = logging.getLogger("rpp_triton.serve")

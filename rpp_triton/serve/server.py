@@ -10,7 +10,6 @@ when they arrive in pieces), `keep_alive_s` of idle time between requests.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import threading
@@ -18,7 +17,7 @@ import threading
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rpp_triton.errors import UsageError
-from rpp_triton.serve.config import HttpConfig, LoadConfig, RayConfig, ServerConfig
+from rpp_triton.serve.config import HttpConfig, LoadConfig, RayConfig, ServerConfig, is_loopback
 from rpp_triton.serve.predictor import Predictor, inspect_model
 
 log = logging.getLogger("rpp_triton.serve")
@@ -49,15 +48,6 @@ def serve(
             raise UsageError(f"--ray needs Ray Serve: pip install 'rpp_triton[ray]' ({exc})") from None
         return ray_app.serve_forever(model_dir, load, server, http, ray)
     return _serve_local(lambda: Predictor.load(source, load), server, http)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _HeadTimeoutH11(H11Protocol):
