@@ -1,5 +1,6 @@
-"""What the tests share: the seed, the `gpu` marker, the one tiny-BERT builder and the small text,
-task and dataset files the pipeline, CLI and fine-tuning tests train on (no hub access).
+"""What the tests share: the seed, the `gpu` marker, the one tiny-BERT builder, the small text,
+task and dataset files the pipeline, CLI and fine-tuning tests train on (no hub access), and the
+serve tests' models and helpers (a real server on a loopback port, its metrics).
 
 Builders reach tests as session fixtures that return the function (`write_tiny_bert(path, ...)`),
 so module-scoped fixtures can call them too."""
@@ -10,6 +11,10 @@ import json
 import os
 import random
 import re
+import socket
+import threading
+import time
+from contextlib import contextmanager
 
 import torch
 
@@ -284,3 +289,182 @@ def write_task_jsonl_fixture():
 def write_glue_repo_fixture():
     """`write_glue_repo(root)`: see `write_glue_repo`."""
     return write_glue_repo
+
+
+# ------------------------------------------------------------------ the inference server
+# The serve tests import nothing from the serving extras at collection: bench/gpu_check.sh collects
+# test_serve_compile.py without them, so the helpers below import fastapi, uvicorn and httpx inside.
+SERVE_WORDS = (
+    "the a an of to in is it for on with as by at from that this be are was model sparse pruning "
+    "server batch text question answer who wrote what where when weight tile block dense layer"
+).split()
+SERVE_TEXTS = [
+    "the model is sparse",
+    "a",
+    "pruning the weight of a dense layer with a tile of block sparse text",
+    "who wrote the server",
+    "",
+]
+SERVE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SERVE_WORDS, ".", ",", "?"]
+SERVE_VOCAB += [*LETTERS, *(f"##{c}" for c in LETTERS)]
+SERVE_HEADS = {
+    "base": "BertModel",
+    "classify": "BertForSequenceClassification",
+    "qa": "BertForQuestionAnswering",
+}
+SERVE_LABELS = {0: "neg", 1: "neu", 2: "pos"}
+
+
+def write_serve_model(path, head: str = "base") -> str:
+    """A `write_tiny_bert` (64 positions) with the serve vocabulary of SERVE_WORDS; `head` is base,
+    classify (labels neg, neu, pos) or qa."""
+    labels = {}
+    if head == "classify":
+        labels = {"id2label": SERVE_LABELS, "label2id": {v: k for k, v in SERVE_LABELS.items()}}
+    return write_tiny_bert(path, SERVE_VOCAB, SERVE_HEADS[head], max_position_embeddings=64, **labels)
+
+
+def random_serve_words(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(SERVE_WORDS) for _ in range(n))
+
+
+class Running:
+    def __init__(self, server, thread, url, service):
+        self.server, self.thread, self.url, self.service = server, thread, url, service
+
+    def stop(self, timeout=30):
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the server did not stop"
+
+
+@contextmanager
+def running(load, wait_ready=True, http=None, **config):
+    """Start the real app under uvicorn, with the HTTP limits `rpp-triton serve` sets, in a thread
+    on a free loopback port; yields a `Running` (url, service, server, thread)."""
+    import uvicorn
+
+    from rpp_triton.serve.app import ServerConfig, create_app
+    from rpp_triton.serve.config import HttpConfig
+    from rpp_triton.serve.server import uvicorn_config
+
+    app, service = create_app(load, ServerConfig(**config))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    options = uvicorn_config(app, service.config, http or HttpConfig(), log_level="warning")
+    server = uvicorn.Server(options)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    srv = Running(server, thread, url, service)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        while wait_ready and service.state != "ready":
+            assert service.state != "failed", "the model failed to load (see the log)"
+            assert time.monotonic() < deadline, "the model did not load"
+            time.sleep(0.01)
+        yield srv
+    finally:
+        if thread.is_alive():
+            srv.stop()
+        sock.close()
+
+
+def loader(model_dir, **options):
+    """What `running` loads: a dense `Predictor` of `model_dir` unless `options` say sparse."""
+    from rpp_triton.serve.predictor import Predictor
+
+    options.setdefault("sparse", False)
+    return lambda: Predictor.from_pretrained(model_dir, **options)
+
+
+def metric(url, name, **labels):
+    """The sum of the samples `name` with `labels` at `url`/metrics; None when there is none."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    total = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total = (total or 0) + sample.value
+    return total
+
+
+@contextmanager
+def gated_forward(predictor):
+    """Make `predictor.forward` wait on a gate; yields (entered, release) events."""
+    entered, release = threading.Event(), threading.Event()
+    forward = predictor.forward
+
+    def gated(batch):
+        entered.set()
+        release.wait(30)
+        return forward(batch)
+
+    predictor.forward = gated
+    try:
+        yield entered, release
+    finally:
+        release.set()
+
+
+@pytest.fixture(scope="session")
+def serve_words() -> list[str]:
+    """The serve vocabulary's words, in vocabulary order."""
+    return SERVE_WORDS
+
+
+@pytest.fixture(scope="session")
+def serve_texts() -> list[str]:
+    """Five texts of serve words: 4, 1, 14 and 4 words and an empty one."""
+    return SERVE_TEXTS
+
+
+@pytest.fixture(scope="session", name="random_serve_words")
+def random_serve_words_fixture():
+    """`random_serve_words(n, seed)`: `n` words drawn from the serve words, space-separated."""
+    return random_serve_words
+
+
+@pytest.fixture(scope="session", name="write_serve_model")
+def write_serve_model_fixture():
+    """`write_serve_model(path, head="base")`: see `write_serve_model`."""
+    return write_serve_model
+
+
+@pytest.fixture(scope="session")
+def serve_models(tmp_path_factory) -> dict[str, str]:
+    """One `write_serve_model` per head (base, classify, qa) for the whole session, each in a
+    directory named after its head (the served model_id); tests only read them."""
+    root = tmp_path_factory.mktemp("serve-models")
+    return {head: write_serve_model(root / head, head) for head in SERVE_HEADS}
+
+
+@pytest.fixture(scope="session", name="running")
+def running_fixture():
+    """`with running(load, wait_ready=True, http=None, **server_config) as srv`: see `running`."""
+    return running
+
+
+@pytest.fixture(scope="session", name="loader")
+def loader_fixture():
+    """`loader(model_dir, **load_options)`: see `loader`."""
+    return loader
+
+
+@pytest.fixture(scope="session", name="metric")
+def metric_fixture():
+    """`metric(url, name, **labels)`: see `metric`."""
+    return metric
+
+
+@pytest.fixture(scope="session", name="gated_forward")
+def gated_forward_fixture():
+    """`with gated_forward(predictor) as (entered, release)`: see `gated_forward`."""
+    return gated_forward

@@ -12,85 +12,25 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
 
-from rpp_triton.serve.app import ServerConfig, create_app
-from rpp_triton.serve.config import HttpConfig
 from rpp_triton.serve.predictor import Predictor
-from rpp_triton.serve.server import uvicorn_config
-
-WORDS = (
-    "the a an of to in is it for on with as by at from that this be are was model sparse pruning "
-    "server batch text question answer who wrote what where when weight tile block dense layer"
-).split()
-TEXTS = [
-    "the model is sparse",
-    "a",
-    "pruning the weight of a dense layer with a tile of block sparse text",
-    "who wrote the server",
-    "",
-]
 
 
 # ------------------------------------------------------------------ fixtures
-def write_model(path, head: str = "base", max_positions: int = 64) -> str:
-    """A 2-layer BERT (hidden 32) with a hand-written vocabulary; `head` is base, classify or qa."""
-    from transformers import (
-        BertConfig,
-        BertForQuestionAnswering,
-        BertForSequenceClassification,
-        BertModel,
-        BertTokenizerFast,
-    )
-
-    path.mkdir(parents=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, ".", ",", "?", *letters]
-    vocab += [f"##{c}" for c in letters]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"))
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=max_positions,
-    )
-    torch.manual_seed(0)
-    if head == "classify":
-        config.id2label = {0: "neg", 1: "neu", 2: "pos"}
-        config.label2id = {v: k for k, v in config.id2label.items()}
-        model = BertForSequenceClassification(config)
-    elif head == "qa":
-        model = BertForQuestionAnswering(config)
-    else:
-        model = BertModel(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-models")
-    return {head: write_model(root / head, head) for head in ("base", "classify", "qa")}
-
-
-@pytest.fixture(scope="module")
-def reference(models):
+def reference(serve_models):
     """Direct, unbatched model outputs to compare the server against."""
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     loaded = {
-        "base": AutoModel.from_pretrained(models["base"]).eval(),
-        "classify": AutoModelForSequenceClassification.from_pretrained(models["classify"]).eval(),
+        "base": AutoModel.from_pretrained(serve_models["base"]).eval(),
+        "classify": AutoModelForSequenceClassification.from_pretrained(serve_models["classify"]).eval(),
     }
-    tokenizer = AutoTokenizer.from_pretrained(models["base"])
+    tokenizer = AutoTokenizer.from_pretrained(serve_models["base"])
 
     @torch.inference_mode()
     def embed(text, head="base"):
@@ -105,90 +45,32 @@ def reference(models):
     return embed, logits
 
 
-class Running:
-    def __init__(self, server, thread, url, service):
-        self.server, self.thread, self.url, self.service = server, thread, url, service
-
-    def stop(self, timeout=30):
-        self.server.should_exit = True
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the server did not stop"
-
-
-@contextmanager
-def running(load, wait_ready=True, http=None, **config):
-    """Start the real app under uvicorn, with the HTTP limits `rpp-triton serve` sets, in a thread
-    on a free loopback port."""
-    import uvicorn
-
-    app, service = create_app(load, ServerConfig(**config))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    options = uvicorn_config(app, service.config, http or HttpConfig(), log_level="warning")
-    server = uvicorn.Server(options)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    srv = Running(server, thread, url, service)
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-        while wait_ready and service.state != "ready":
-            assert service.state != "failed", "the model failed to load (see the log)"
-            assert time.monotonic() < deadline, "the model did not load"
-            time.sleep(0.01)
-        yield srv
-    finally:
-        if thread.is_alive():
-            srv.stop()
-        sock.close()
-
-
-def loader(model_dir, **options):
-    options.setdefault("sparse", False)
-    return lambda: Predictor.from_pretrained(model_dir, **options)
-
-
-def metric(url, name, **labels):
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url + "/metrics").text
-    total = None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total = (total or 0) + sample.value
-    return total
-
-
 @pytest.fixture(scope="module")
-def base_server(models):
-    with running(loader(models["base"]), max_inputs=4, max_chars=200, max_body_bytes=2000) as srv:
+def base_server(serve_models, running, loader):
+    with running(loader(serve_models["base"]), max_inputs=4, max_chars=200, max_body_bytes=2000) as srv:
         yield srv
 
 
 # -------------------------------------------------------------- the answers
-def test_embed_matches_model(base_server, reference):
+def test_embed_matches_model(base_server, reference, serve_texts):
     embed, _ = reference
-    r = httpx.post(base_server.url + "/v1/embed", json={"inputs": TEXTS[:4]})
+    r = httpx.post(base_server.url + "/v1/embed", json={"inputs": serve_texts[:4]})
     assert r.status_code == 200, r.text
     got = torch.tensor(r.json()["embeddings"])
-    want = torch.stack([embed(t) for t in TEXTS[:4]])
+    want = torch.stack([embed(t) for t in serve_texts[:4]])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert r.json()["truncated"] == [False] * 4
 
-    one = httpx.post(base_server.url + "/v1/embed", json={"inputs": TEXTS[4], "normalize": True}).json()
+    one = httpx.post(base_server.url + "/v1/embed", json={"inputs": serve_texts[4], "normalize": True}).json()
     assert len(one["embeddings"]) == 1
     v = torch.tensor(one["embeddings"][0])
-    torch.testing.assert_close(v, embed(TEXTS[4]) / embed(TEXTS[4]).norm(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, embed(serve_texts[4]) / embed(serve_texts[4]).norm(), atol=1e-5, rtol=1e-5)
 
 
-def test_classify_matches_model(models, reference):
+def test_classify_matches_model(serve_models, reference, running, loader):
     _, logits = reference
     inputs = ["the model is sparse", ["who wrote it", "the server"], "a"]
-    with running(loader(models["classify"])) as srv:
+    with running(loader(serve_models["classify"])) as srv:
         r = httpx.post(srv.url + "/v1/classify", json={"inputs": inputs})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -211,19 +93,19 @@ def test_classify_matches_model(models, reference):
         )
 
 
-def test_qa_answers_best_span(models):
+def test_qa_answers_best_span(serve_models, running, loader):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     question, context = "who wrote the server", "the sparse model was pruning a dense layer at the block"
-    with running(loader(models["qa"])) as srv:
+    with running(loader(serve_models["qa"])) as srv:
         r = httpx.post(srv.url + "/v1/qa", json={"inputs": [{"question": question, "context": context}]})
         assert r.status_code == 200, r.text
         got = r.json()["answers"][0]
-    tokenizer = AutoTokenizer.from_pretrained(models["qa"])
+    tokenizer = AutoTokenizer.from_pretrained(serve_models["qa"])
     enc = tokenizer(question, context, return_offsets_mapping=True, return_tensors="pt")
     offsets, seq = enc.pop("offset_mapping")[0].tolist(), enc.sequence_ids(0)
     with torch.inference_mode():
-        out = AutoModelForQuestionAnswering.from_pretrained(models["qa"]).eval()(**enc)
+        out = AutoModelForQuestionAnswering.from_pretrained(serve_models["qa"]).eval()(**enc)
     s, e = out.start_logits[0], out.end_logits[0]
     ctx = [i for i, k in enumerate(seq) if k == 1]
     best = max(
@@ -289,7 +171,7 @@ def test_bad_request_gets_4xx_and_server_keeps_serving(base_server, name, reques
     assert ok.status_code == 200 and len(ok.json()["embeddings"]) == 1
 
 
-def test_wrong_method_and_route(base_server):
+def test_wrong_method_and_route(base_server, metric):
     assert httpx.get(base_server.url + "/v1/embed").json()["error"]["type"] == "method_not_allowed"
     assert httpx.post(base_server.url + "/v2/nothing", json={}).status_code == 404
     assert metric(base_server.url, "rpp_requests_total", route="other", status="404") >= 1
@@ -302,43 +184,25 @@ def test_body_without_json_content_type_is_read_as_json(base_server):
     assert r.status_code == 200, r.text
 
 
-def test_long_inputs_truncate_or_refuse(models, reference):
+def test_long_inputs_truncate_or_refuse(serve_models, reference, running, loader):
     embed, _ = reference
     long_text = " ".join(["model"] * 30)  # 32 tokens with [CLS] and [SEP]
-    with running(loader(models["base"], max_tokens=8)) as srv:
+    with running(loader(serve_models["base"], max_tokens=8)) as srv:
         body = httpx.post(srv.url + "/v1/embed", json={"inputs": [long_text, "a"]}).json()
         assert body["truncated"] == [True, False]
         truncated = " ".join(["model"] * 6)  # what fits in 8 tokens
         torch.testing.assert_close(
             torch.tensor(body["embeddings"][0]), embed(truncated), atol=1e-5, rtol=1e-5
         )
-    with running(loader(models["base"], max_tokens=8, truncate=False)) as srv:
+    with running(loader(serve_models["base"], max_tokens=8, truncate=False)) as srv:
         r = httpx.post(srv.url + "/v1/embed", json={"inputs": ["a", long_text]})
         assert r.status_code == 413 and r.json()["error"]["type"] == "input_too_long"
         assert "input 1 has 32 tokens" in r.json()["error"]["message"]
         assert httpx.post(srv.url + "/v1/embed", json={"inputs": "a"}).status_code == 200
 
 
-@contextmanager
-def gated_forward(predictor):
-    """Make `predictor.forward` wait on a gate; yields (entered, release) events."""
-    entered, release = threading.Event(), threading.Event()
-    forward = predictor.forward
-
-    def gated(batch):
-        entered.set()
-        release.wait(30)
-        return forward(batch)
-
-    predictor.forward = gated
-    try:
-        yield entered, release
-    finally:
-        release.set()
-
-
-def test_full_queue_answers_429(models):
-    predictor = Predictor.from_pretrained(models["base"], sparse=False)
+def test_full_queue_answers_429(serve_models, running, metric, gated_forward):
+    predictor = Predictor.from_pretrained(serve_models["base"], sparse=False)
     with gated_forward(predictor) as (entered, release):
         with running(lambda: predictor, max_queue=4, max_inputs=4, max_wait_ms=0, warmup=False) as srv:
             results = {}
@@ -366,8 +230,8 @@ def test_full_queue_answers_429(models):
             assert httpx.post(srv.url + "/v1/embed", json={"inputs": "a"}).status_code == 200
 
 
-def test_request_timeout_answers_503(models):
-    predictor = Predictor.from_pretrained(models["base"], sparse=False)
+def test_request_timeout_answers_503(serve_models, running, gated_forward):
+    predictor = Predictor.from_pretrained(serve_models["base"], sparse=False)
     with gated_forward(predictor) as (entered, release):
         with running(lambda: predictor, request_timeout_s=0.3, warmup=False) as srv:
             r = httpx.post(srv.url + "/v1/embed", json={"inputs": "a"})
@@ -377,10 +241,10 @@ def test_request_timeout_answers_503(models):
 
 
 # ------------------------------------------------------------------ batching
-def test_concurrent_clients_are_batched(models, reference):
+def test_concurrent_clients_are_batched(serve_models, reference, running, loader, metric, serve_words):
     embed, _ = reference
-    texts = [f"{w} model" for w in WORDS[:16]]
-    with running(loader(models["base"]), max_wait_ms=200, max_batch_size=32) as srv:
+    texts = [f"{w} model" for w in serve_words[:16]]
+    with running(loader(serve_models["base"]), max_wait_ms=200, max_batch_size=32) as srv:
 
         async def clients():
             async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
@@ -401,12 +265,12 @@ def test_concurrent_clients_are_batched(models, reference):
 
 
 # ----------------------------------------------------- readiness and shutdown
-def test_health_is_503_until_warm(models):
+def test_health_is_503_until_warm(serve_models, running, metric):
     gate = threading.Event()
 
     def slow_load():
         gate.wait(30)
-        return Predictor.from_pretrained(models["base"], sparse=False)
+        return Predictor.from_pretrained(serve_models["base"], sparse=False)
 
     with running(slow_load, wait_ready=False) as srv:
         r = httpx.get(srv.url + "/health")
@@ -424,7 +288,7 @@ def test_health_is_503_until_warm(models):
         assert metric(srv.url, "rpp_ready") == 1
 
 
-def test_failed_load_is_reported(tmp_path):
+def test_failed_load_is_reported(tmp_path, running):
     def broken():
         raise OSError("disk on fire")
 
@@ -440,15 +304,15 @@ def test_failed_load_is_reported(tmp_path):
         assert "disk on fire" not in r.text  # the reason is in the server log, not in answers
 
 
-def test_shutdown_drains_in_flight_requests(models, reference):
+def test_shutdown_drains_in_flight_requests(serve_models, reference, running, gated_forward, serve_texts):
     embed, _ = reference
-    predictor = Predictor.from_pretrained(models["base"], sparse=False)
+    predictor = Predictor.from_pretrained(serve_models["base"], sparse=False)
     with gated_forward(predictor) as (entered, release):
         with running(lambda: predictor, warmup=False, max_batch_size=2) as srv:
             results = [None] * 5
 
             def post(i):
-                results[i] = httpx.post(srv.url + "/v1/embed", json={"inputs": TEXTS[i]}, timeout=60)
+                results[i] = httpx.post(srv.url + "/v1/embed", json={"inputs": serve_texts[i]}, timeout=60)
 
             threads = [threading.Thread(target=post, args=(i,)) for i in range(5)]
             for t in threads:
@@ -472,7 +336,7 @@ def test_shutdown_drains_in_flight_requests(models, reference):
             assert not srv.thread.is_alive()
             for t in threads:
                 t.join(10)
-    for text, r in zip(TEXTS, results):
+    for text, r in zip(serve_texts, results):
         assert r is not None and r.status_code == 200
         torch.testing.assert_close(torch.tensor(r.json()["embeddings"][0]), embed(text), atol=1e-5, rtol=1e-5)
 
@@ -485,7 +349,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
-def test_cli_serves_and_drains_on_sigterm(models):
+def test_cli_serves_and_drains_on_sigterm(serve_models, metric):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -496,7 +360,7 @@ def test_cli_serves_and_drains_on_sigterm(models):
         "-m",
         "rpp_triton",
         "serve",
-        models["base"],
+        serve_models["base"],
         "--port",
         str(port),
         "--max-wait-ms",
@@ -542,13 +406,15 @@ def test_cli_serves_and_drains_on_sigterm(models):
 
 
 # -------------------------------------------------------------------- sparse
-def test_sparse_model_serves_same_answers(tmp_path, reference):
+def test_sparse_model_serves_same_answers(
+    tmp_path, reference, write_serve_model, running, loader, serve_texts
+):
     pytest.importorskip(
         "rpp_triton.sparse", reason="rpp_triton.sparse (block-sparse layers) is not built yet"
     )
     from transformers import AutoModel
 
-    model_dir = write_model(tmp_path / "m")
+    model_dir = write_serve_model(tmp_path / "m")
     model = AutoModel.from_pretrained(model_dir)
     with torch.no_grad():  # zero 3 of every 4 16x16 tiles of the encoder's Linear weights
         for name, module in model.named_modules():
@@ -574,6 +440,6 @@ def test_sparse_model_serves_same_answers(tmp_path, reference):
         info = httpx.get(srv.url + "/info").json()
         assert info["block_size"] == [16, 16] and info["pruning"]["sparsity"] == 0.75
         assert len(info["sparse_layers"]) == 12 and info["sparse_error"] is None  # 2 layers x 6 Linear
-        body = httpx.post(srv.url + "/v1/embed", json={"inputs": TEXTS}).json()
-    for text, got in zip(TEXTS, body["embeddings"]):
+        body = httpx.post(srv.url + "/v1/embed", json={"inputs": serve_texts}).json()
+    for text, got in zip(serve_texts, body["embeddings"]):
         torch.testing.assert_close(torch.tensor(got), embed(text), atol=1e-4, rtol=1e-4)

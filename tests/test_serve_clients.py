@@ -8,28 +8,21 @@ import struct
 import httpx
 import pytest
 import torch
-from test_serve import TEXTS, loader, running, write_model
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("client-models")
-    return {head: write_model(root / head, head) for head in ("base", "classify", "qa")}
-
-
-@pytest.fixture(scope="module")
-def server(models):
-    with running(loader(models["base"], max_tokens=16), max_inputs=8, max_chars=300) as srv:
+def server(serve_models, running, loader):
+    with running(loader(serve_models["base"], max_tokens=16), max_inputs=8, max_chars=300) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def unit(models):
+def unit(serve_models):
     """Unit-length embeddings computed here, one unpadded text at a time."""
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(models["base"]).eval()
-    tokenizer = AutoTokenizer.from_pretrained(models["base"])
+    model = AutoModel.from_pretrained(serve_models["base"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(serve_models["base"])
 
     @torch.inference_mode()
     def embed(text):
@@ -47,14 +40,14 @@ def close(got, want):
     torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float32), want, atol=1e-5, rtol=1e-5)
 
 
-def test_openai_client(server, unit):
+def test_openai_client(server, unit, serve_texts):
     from openai import OpenAI
 
     client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
     for fmt in ("float", "base64"):
-        out = client.embeddings.create(model="base", input=TEXTS[:3], encoding_format=fmt)
+        out = client.embeddings.create(model="base", input=serve_texts[:3], encoding_format=fmt)
         assert [d.index for d in out.data] == [0, 1, 2] and out.model == "base"
-        for text, d in zip(TEXTS, out.data):
+        for text, d in zip(serve_texts, out.data):
             close(d.embedding, unit(text))
         assert (
             out.usage.prompt_tokens == out.usage.total_tokens == 6 + 3 + 16
@@ -85,10 +78,10 @@ def test_huggingface_hub_client(server, unit, monkeypatch):
     assert abs(float((raw[0] ** 2).sum()) - 1) > 1e-3  # not unit length: normalize=false was sent
 
 
-def test_tei_embed(server, unit):
-    r = httpx.post(server.url + "/embed", json={"inputs": TEXTS[:2]})
+def test_tei_embed(server, unit, serve_texts):
+    r = httpx.post(server.url + "/embed", json={"inputs": serve_texts[:2]})
     assert r.status_code == 200, r.text
-    for text, v in zip(TEXTS, r.json()):
+    for text, v in zip(serve_texts, r.json()):
         close(v, unit(text))
     long_text = " ".join(["model"] * 30)  # over the 16 tokens of this server
     assert httpx.post(server.url + "/embed", json={"inputs": long_text, "truncate": True}).status_code == 200
@@ -152,14 +145,14 @@ def test_openapi_documents_the_real_errors(server):
     assert set(r.json()) == {"error"} and set(r.json()["error"]) == {"type", "message"}
 
 
-def test_openapi_lists_task_routes_only_with_their_head(models):
-    with running(loader(models["classify"])) as srv:
+def test_openapi_lists_task_routes_only_with_their_head(serve_models, running, loader):
+    with running(loader(serve_models["classify"])) as srv:
         paths = set(httpx.get(srv.url + "/openapi.json").json()["paths"])
         assert "/v1/classify" in paths and "/v1/qa" not in paths
         assert httpx.get(srv.url + "/info").json()["routes"][-1] == "/v1/classify"
         r = httpx.post(srv.url + "/v1/qa", json={"inputs": {"question": "a", "context": "b"}})
         assert r.status_code == 404 and r.json()["error"]["type"] == "route_not_supported"
-    with running(loader(models["qa"])) as srv:
+    with running(loader(serve_models["qa"])) as srv:
         paths = set(httpx.get(srv.url + "/openapi.json").json()["paths"])
         assert "/v1/qa" in paths and "/v1/classify" not in paths
         r = httpx.post(

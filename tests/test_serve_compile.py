@@ -15,7 +15,6 @@ for _name in ("fastapi", "httpx", "uvicorn"):
     pytest.importorskip(_name, reason="needs the serve extra: pip install 'rpp_triton[serve]'")
 
 import httpx  # noqa: E402
-from test_serve import loader, running  # noqa: E402
 
 from rpp_triton.serve.config import LoadConfig  # noqa: E402
 from rpp_triton.serve.predictor import Predictor  # noqa: E402
@@ -83,7 +82,7 @@ def test_bucket_padding_gives_the_unpadded_answers(model_dirs, head):
         check_unpadded(predictor, model_dirs[head], chunk, predictor.forward(chunk))
 
 
-def test_buckets_through_the_server_and_info(model_dirs):
+def test_buckets_through_the_server_and_info(model_dirs, running, loader):
     load = loader(model_dirs["classify"], sparse=True, block_size=16, batch_buckets=(2,), length_buckets=(8,))
     with running(load, max_batch_size=4) as srv:
         info = httpx.get(srv.url + "/info").json()
@@ -110,7 +109,7 @@ def test_no_buckets_without_compile(model_dirs):
 
 
 # ---------------------------------------------------------------------------- choose_layers
-def test_choose_layers_keeps_the_faster_layers(model_dirs, caplog):
+def test_choose_layers_keeps_the_faster_layers(model_dirs, caplog, running):
     from rpp_triton.sparse import BlockSparseLinear
 
     def timer(fn):
@@ -143,7 +142,7 @@ def test_choose_layers_keeps_the_faster_layers(model_dirs, caplog):
     assert info["sparse_layers"] == feed_forward and info["layer_choice"] == choice
 
 
-def test_served_layer_choice_is_shown(model_dirs):
+def test_served_layer_choice_is_shown(model_dirs, running, loader):
     with running(loader(model_dirs["base"], sparse=True, block_size=16), max_batch_size=2) as srv:
         info = httpx.get(srv.url + "/info").json()
     choice = info["layer_choice"]
@@ -174,7 +173,6 @@ def test_compiled_buckets_give_the_unpadded_answers_without_recompiling(model_di
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_per_bucket(model_dirs):
     from torch._dynamo.utils import counters
 

@@ -2,12 +2,10 @@
 the answer is the one `rpp_triton.qa` picks from the model's own, unbatched logits."""
 
 import collections
-import random
 
 import httpx
 import pytest
 import torch
-from test_serve import WORDS, loader, running, write_model
 
 from rpp_triton.errors import UsageError
 from rpp_triton.qa import features as squad
@@ -18,18 +16,19 @@ MAX_TOKENS, STRIDE = 24, 8
 QUESTION = "who wrote the server"
 
 
-def context(n_words: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+@pytest.fixture(scope="module")
+def context(random_serve_words):
+    """`context(n_words, seed)`: a sentence of `n_words` random serve words."""
+    return lambda n_words, seed: random_serve_words(n_words, seed) + "."
 
 
 @pytest.fixture(scope="module")
-def qa_dir(tmp_path_factory):
-    return write_model(tmp_path_factory.mktemp("serve-qa") / "qa", "qa")
+def qa_dir(serve_models):
+    return serve_models["qa"]
 
 
 @pytest.fixture(scope="module")
-def server(qa_dir):
+def server(qa_dir, running, loader):
     options = dict(max_tokens=MAX_TOKENS, doc_stride=STRIDE)
     with running(loader(qa_dir, **options), max_inputs=4, max_chars=1000, max_queue=30) as srv:
         yield srv
@@ -61,7 +60,7 @@ def ask(server, items, **options):
     return r.json()
 
 
-def test_long_context_is_windowed_and_matches_squad_postprocess(server, direct):
+def test_long_context_is_windowed_and_matches_squad_postprocess(server, direct, context):
     pairs = [(QUESTION, context(60, 1)), ("what is the block", "a dense layer"), (QUESTION, context(45, 2))]
     body = ask(server, [{"question": q, "context": c} for q, c in pairs])
     assert body["truncated"] == [False] * 3
@@ -91,7 +90,7 @@ def test_long_context_is_windowed_and_matches_squad_postprocess(server, direct):
         assert got["score"] == pytest.approx(prob, rel=1e-4)
 
 
-def test_answers_past_the_first_window_are_found(qa_dir, server, direct):
+def test_answers_past_the_first_window_are_found(qa_dir, server, direct, context):
     """Over several long contexts some best span lies beyond what one window could hold."""
     predictor = Predictor.from_pretrained(qa_dir, sparse=False, max_tokens=MAX_TOKENS, doc_stride=STRIDE)
     pairs = [(QUESTION, context(60, seed)) for seed in range(10, 14)]
@@ -110,7 +109,7 @@ def test_answers_past_the_first_window_are_found(qa_dir, server, direct):
     ]
 
 
-def test_no_answer_when_the_null_score_wins(server, direct):
+def test_no_answer_when_the_null_score_wins(server, direct, context):
     pairs = [(QUESTION, context(40, 3)), ("what is the tile", context(8, 4))]
     items = [{"question": q, "context": c} for q, c in pairs]
     spans = ask(server, items)["answers"]
@@ -154,13 +153,16 @@ BAD = [
     ("too many inputs", {"inputs": [{"question": "a", "context": "b"}] * 5}, 413, "too_many_inputs"),
     ("too many characters", {"inputs": {"question": "a", "context": "b " * 501}}, 413, "input_too_long"),
     ("question fills the window", {"inputs": {"question": "a " * 14, "context": "b"}}, 413, "input_too_long"),
-    ("too many windows", {"inputs": [{"question": "who", "context": context(120, 5)}] * 4}, 413,
-     "input_too_long"),
+    # A payload built from the `context` fixture is a function of it.
+    ("too many windows", lambda context: {"inputs": [{"question": "who", "context": context(120, 5)}] * 4},
+     413, "input_too_long"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name,payload,status,kind", BAD, ids=[b[0] for b in BAD])
-def test_bad_qa_request_gets_4xx(server, name, payload, status, kind):
+def test_bad_qa_request_gets_4xx(server, context, name, payload, status, kind):
+    if callable(payload):
+        payload = payload(context)
     r = httpx.post(server.url + "/v1/qa", json=payload)
     assert r.status_code == status, r.text
     assert r.json()["error"]["type"] == kind

@@ -15,12 +15,10 @@ import torch
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'rpp_triton[ray]')")
 
-from test_serve import TEXTS, metric, write_model  # noqa: E402
-
 
 @pytest.fixture(scope="module")
-def ray_server(tmp_path_factory):
-    model_dir = write_model(tmp_path_factory.mktemp("ray-model") / "m", "classify")
+def ray_server(tmp_path_factory, serve_models):
+    model_dir = serve_models["classify"]
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -71,35 +69,37 @@ def direct(model_dir, texts):
     return [o.hidden_states[-1][0].mean(0) for o in outs], [torch.softmax(o.logits[0], -1) for o in outs]
 
 
-def test_ray_deployment_answers_like_the_model(ray_server):
+def test_ray_deployment_answers_like_the_model(ray_server, serve_texts):
     url, model_dir, _ = ray_server
-    embeddings, probs = direct(model_dir, TEXTS[:4])
-    r = httpx.post(url + "/v1/embed", json={"inputs": TEXTS[:4]}, timeout=30)
+    embeddings, probs = direct(model_dir, serve_texts[:4])
+    r = httpx.post(url + "/v1/embed", json={"inputs": serve_texts[:4]}, timeout=30)
     assert r.status_code == 200, r.text
     torch.testing.assert_close(
         torch.tensor(r.json()["embeddings"]), torch.stack(embeddings), atol=1e-5, rtol=1e-5
     )
-    r = httpx.post(url + "/v1/classify", json={"inputs": TEXTS[:4]}, timeout=30)
+    r = httpx.post(url + "/v1/classify", json={"inputs": serve_texts[:4]}, timeout=30)
     assert r.status_code == 200, r.text
     got = torch.tensor([p["probabilities"] for p in r.json()["predictions"]])
     torch.testing.assert_close(got, torch.stack(probs), atol=1e-5, rtol=1e-5)
     assert r.json()["label_names"] == ["neg", "neu", "pos"]
 
 
-def test_ray_deployment_batches_concurrent_requests(ray_server):
+def test_ray_deployment_batches_concurrent_requests(ray_server, metric, serve_texts):
     url, _, _ = ray_server
     before = metric(url, "rpp_batch_size_count") or 0
     before_sum = metric(url, "rpp_batch_size_sum") or 0
 
     async def clients():
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            return await asyncio.gather(*(client.post("/v1/embed", json={"inputs": f"{t} a"}) for t in TEXTS))
+            return await asyncio.gather(
+                *(client.post("/v1/embed", json={"inputs": f"{t} a"}) for t in serve_texts)
+            )
 
     responses = asyncio.run(clients())
     assert all(r.status_code == 200 for r in responses)
     batches = metric(url, "rpp_batch_size_count") - before
-    assert metric(url, "rpp_batch_size_sum") - before_sum == len(TEXTS)
-    assert batches < len(TEXTS), "concurrent requests should share forwards"
+    assert metric(url, "rpp_batch_size_sum") - before_sum == len(serve_texts)
+    assert batches < len(serve_texts), "concurrent requests should share forwards"
 
 
 def test_ray_deployment_rejects_bad_input_and_keeps_serving(ray_server):

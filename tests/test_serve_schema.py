@@ -12,15 +12,15 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.config import SchemathesisConfig
-from test_serve import loader, running, write_model
 
 REJECTED = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
 
 @pytest.fixture(scope="module", params=("base", "classify", "qa"))
-def served(request, tmp_path_factory):
-    model_dir = write_model(tmp_path_factory.mktemp("schema") / request.param, request.param)
-    with running(loader(model_dir, max_tokens=24), max_inputs=4, max_chars=200, max_queue=64) as srv:
+def served(request, serve_models, running, loader):
+    with running(
+        loader(serve_models[request.param], max_tokens=24), max_inputs=4, max_chars=200, max_queue=64
+    ) as srv:
         yield srv
 
 
