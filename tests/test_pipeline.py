@@ -316,3 +316,19 @@ def test_lamb_with_accumulation_and_bf16_standard_flags(files, tmp_path):
     assert report["lr"] == pytest.approx(1e-4 * (16 / 32) ** 0.5)
     assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert all(np.isfinite(v) for v in report["quality"]["pruned"].values())
+
+
+@pytest.mark.parametrize("objective", [None, "mlm+distill"], ids=lambda o: f"objective={o}")
+def test_model_without_masked_lm_head_says_what_happens(files, tmp_path, caplog, write_tiny_bert, objective):
+    bare = write_tiny_bert(tmp_path / "encoder", cls_name="BertModel")
+    extra = ["--model", bare] + (["--objective", objective] if objective else [])
+    with caplog.at_level("WARNING", logger="rpp_triton"):
+        report = prune(files, tmp_path / "out", *extra, steps=12)
+    err = caplog.text  # one warning line (on stderr outside pytest)
+    if objective is None:  # the default for a head-less model: distillation of the bare encoder
+        assert report["objective"] == "distill" and "by distillation from the dense model" in err
+        assert "mlm_accuracy" not in report["quality"]["pruned"]
+    else:  # a fresh head learns masked LM; there are no teacher logits to match
+        assert report["objective"] == "mlm+distill" and "a fresh one is initialised" in err
+        assert "logits are not distilled" in err and report["newly_initialised"]
+    assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
