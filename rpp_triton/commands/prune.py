@@ -60,6 +60,13 @@ def register(subparsers) -> None:
     )
     how.add_argument("--mask-every", type=int, default=5, help="gmp: steps between mask updates")
     how.add_argument(
+        "--debias",
+        choices=("none", "rewind"),
+        default="none",
+        help="at the hard prune, rewind: reset the kept weights to their values before pruning "
+        "(undoes the proximal shrinkage; the mask stays), none: keep them as trained",
+    )
+    how.add_argument(
         "--reweight-every", type=int, default=1, help="rpp: reweight alpha every N steps (0: never)"
     )
     how.add_argument("--reweight-eps", type=float, default=0.01, help="rpp: alpha = 1 / (tile RMS + this)")

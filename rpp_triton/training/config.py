@@ -152,6 +152,7 @@ class PruneConfig(RunConfig, TrainerOptions):
     teacher: str | None = None
     optimizer: str = "adamw"
     mask_every: int = 5
+    debias: str = "none"
     temperature: float = 2.0
     ramp: float = 0.7
 
@@ -179,6 +180,7 @@ class PruneConfig(RunConfig, TrainerOptions):
             "objective": (None, "mlm", "distill", "mlm+distill"),
             "method": ("rpp", "gmp", "oneshot"),
             "optimizer": ("adamw", "lamb"),
+            "debias": ("none", "rewind"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -62,8 +62,10 @@ class PruningController(_trainer_callback_base()):
         ramp: float = 0.7,
         prune_by: str = "rms",
         settings: dict | None = None,
+        rewind: dict | None = None,
     ):
         self.optimizer = optimizer
+        self.rewind = rewind  # {name: weight before pruning}: kept weights return there at the hard prune
         self.settings = dict(settings or {})  # run settings a resume must repeat (seed, lr, ...)
         self.target = float(target)
         self.block = as_block(block_size)
@@ -107,6 +109,10 @@ class PruningController(_trainer_callback_base()):
         named = pruned_named_params(self.optimizer)
         self.pre_prune_sparsity = count_sparsity(self.optimizer)
         masks = hard_prune(named, self.target, self.block, self.prune_by)
+        if self.rewind is not None:
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(self.rewind[name].to(p.device) * masks[name].to(p.dtype))
         freeze_with_masks(self.optimizer, named, masks)
         self.lam = 0.0
         self._set_lambda(0.0)

@@ -174,7 +174,14 @@ class _Run:
             recovery_steps,
             ramp=cfg.ramp,
             prune_by=cfg.prune_by,
-            settings={"seed": cfg.seed, "lr": cfg.lr, "objective": self.objective_name, "ramp": cfg.ramp},
+            settings={
+                "seed": cfg.seed,
+                "lr": cfg.lr,
+                "objective": self.objective_name,
+                "ramp": cfg.ramp,
+                "debias": cfg.debias,
+            },
+            rewind=_snapshot(self.optimizer) if method and cfg.debias == "rewind" else None,
             **kwargs,
         )
         if resume_state is not None:  # before the Trainer, which creates `out`
@@ -210,6 +217,11 @@ class _Run:
         self.trainer.objective = Objective(
             self.objective_name, self.model, teacher, cfg.temperature, tokenizer, cfg.mlm_probability
         )
+
+
+def _snapshot(optimizer) -> dict:
+    """The pruned weights as loaded (before any step, resumed runs included), on the CPU."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in pruned_named_params(optimizer)}
 
 
 def _read_text(cfg: PruneConfig, tokenizer, model_name: str):
@@ -323,6 +335,7 @@ def prune(config: PruneConfig) -> dict:
             "total": cfg.max_steps,
         },
         "prune_by": cfg.prune_by,
+        "debias": cfg.debias,
         "teacher": cfg.teacher or ("the starting model" if teacher is not None else None),
         "model": "all-MiniLM-L6-v2 (embedded)" if cfg.model is None else cfg.model,
         "dataset": dataset_name,
