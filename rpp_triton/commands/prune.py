@@ -62,9 +62,9 @@ def register(subparsers) -> None:
     how.add_argument(
         "--debias",
         choices=("none", "rewind"),
-        default="none",
         help="at the hard prune, rewind: reset the kept weights to their values before pruning "
-        "(undoes the proximal shrinkage; the mask stays), none: keep them as trained",
+        "(undoes the proximal shrinkage; the mask stays), none: keep them as trained "
+        "(default: rewind for rpp, none for gmp and oneshot)",
     )
     how.add_argument(
         "--reweight-every", type=int, default=1, help="rpp: reweight alpha every N steps (0: never)"

@@ -152,7 +152,7 @@ class PruneConfig(RunConfig, TrainerOptions):
     teacher: str | None = None
     optimizer: str = "adamw"
     mask_every: int = 5
-    debias: str = "none"
+    debias: str | None = None
     temperature: float = 2.0
     ramp: float = 0.7
 
@@ -180,7 +180,7 @@ class PruneConfig(RunConfig, TrainerOptions):
             "objective": (None, "mlm", "distill", "mlm+distill"),
             "method": ("rpp", "gmp", "oneshot"),
             "optimizer": ("adamw", "lamb"),
-            "debias": ("none", "rewind"),
+            "debias": (None, "none", "rewind"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -208,6 +208,8 @@ class PruneConfig(RunConfig, TrainerOptions):
             values["lr_scheduler_type"] = "polynomial" if lamb else "constant_with_warmup"
         if self.warmup_ratio is None:
             values["warmup_ratio"] = 0.1
+        if self.debias is None:  # RPP's proximal step shrinks the weights it keeps; the others do not
+            values["debias"] = "rewind" if self.method == "rpp" else "none"
         return replace(self, **values)
 
     def steps(self, objective: str) -> tuple[int, int, int]:
