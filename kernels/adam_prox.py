@@ -48,12 +48,7 @@ from rpp_triton.kernels.adam_prox_plan import (
     _set_aligned,
     make_plan,
 )
-from rpp_triton.tiles import Block, tile_mask, tile_rms, tiles_4d
-
-
-def tile_rms_ref(x: torch.Tensor, block: Block) -> torch.Tensor:
-    """rms(x_B) = sqrt(mean(x_B ** 2)) per tile, shape [out/bh, in/bw]; |x| for 1x1 tiles."""
-    return tile_rms(x, block)
+from rpp_triton.tiles import Block, tile_rms, tiles_4d
 
 
 def prox_ref(z: torch.Tensor, tau: torch.Tensor, block: Block) -> torch.Tensor:
@@ -64,19 +59,14 @@ def prox_ref(z: torch.Tensor, tau: torch.Tensor, block: Block) -> torch.Tensor:
     """
     if block == (1, 1):
         return z.sign() * (z.abs() - tau).clamp_min(0)
-    rms = tile_rms_ref(z, block)
+    rms = tile_rms(z, block)
     scale = torch.where(rms > 0, (1 - tau / rms).clamp_min(0), torch.zeros_like(rms))
     return (tiles_4d(z, block) * scale[:, None, :, None]).view_as(z)
 
 
 def reweight_ref(p: torch.Tensor, block: Block, reweight_eps: float) -> torch.Tensor:
     """alpha_B = 1 / (rms(p_B) + reweight_eps): small tiles get a larger penalty next time."""
-    return 1.0 / (tile_rms_ref(p, block) + reweight_eps)
-
-
-def tile_mask_ref(p: torch.Tensor, block: Block) -> torch.Tensor:
-    """Bool mask of p's shape: True where p's tile holds any non-zero element."""
-    return tile_mask(p, block)
+    return 1.0 / (tile_rms(p, block) + reweight_eps)
 
 
 def adam_scalars(lr: float, beta1: float, beta2: float, step: int) -> tuple[float, float]:
@@ -168,7 +158,7 @@ def tile_prox_step_ref(p, alpha, *, tau, block: Block, reweight_eps=1e-3, reweig
     rms of the result is scale_B * rms(z_B) (scale_B >= 0), so reweighting needs no second pass.
     """
     pt = tiles_4d(p, block)
-    rms = tile_rms_ref(p, block)
+    rms = tile_rms(p, block)
     scale = torch.where(rms > 0, (1 - tau * alpha / rms).clamp_min(0), torch.zeros_like(rms))
     pt.mul_(scale[:, None, :, None])
     if reweight:

@@ -27,12 +27,6 @@ def pruned_weight_ids(model: nn.Module) -> set[int]:
     }
 
 
-def strip_prefix(name: str, model: nn.Module) -> str:
-    """`bert.encoder...` -> `encoder...`: names as the bare encoder would call them."""
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    return name.removeprefix(prefix) if prefix != "." else name
-
-
 def find_parameter(model: nn.Module, name: str) -> torch.nn.Parameter | None:
     """The parameter `name` refers to, with or without the model's base prefix (`bert.`)."""
     params = dict(model.named_parameters())

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rpp_triton as rpp
-from rpp_triton.kernels.adam_prox import prox_ref, tile_rms_ref
+from rpp_triton.kernels.adam_prox import prox_ref
+from rpp_triton.tiles import tile_rms as tile_rms_ref
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6)}
 

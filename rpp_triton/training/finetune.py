@@ -28,6 +28,7 @@ from rpp_triton import artifacts as A
 from rpp_triton.data.tasks import load_task
 from rpp_triton.errors import UsageError
 from rpp_triton.metrics import score_logits
+from rpp_triton.models import find_parameter
 from rpp_triton.qa.data import describe_skips, load_qa_task
 from rpp_triton.qa.evaluate import evaluate_qa
 from rpp_triton.qa.features import prepare_train_features
@@ -160,12 +161,9 @@ def _prepare(config: FinetuneConfig):
 
 
 def apply_masks(model, masks: dict) -> None:
-    params = dict(model.named_parameters())
-    prefix = model.base_model_prefix + "."
     with torch.no_grad():
         for name, mask in masks.items():
-            candidates = (name, prefix + name, name.removeprefix(prefix))
-            p = next((params[c] for c in candidates if c in params), None)
+            p = find_parameter(model, name)
             if p is None or p.shape != mask.shape:
                 raise UsageError(f"mask {name!r} of {A.MASKS_FILE} matches no parameter of the model")
             p.mul_(mask.to(p.dtype))

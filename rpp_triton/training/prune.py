@@ -313,7 +313,7 @@ def prune(config: PruneConfig) -> dict:
     elif "dense_reference" in evals:
         dense, protocol = _scores(evals, "dense_reference"), DENSE_PROTOCOL["mlm"]
     else:
-        dense, protocol = probe.measure(reference), DENSE_PROTOCOL["distill"]
+        dense, protocol = probe.dense, DENSE_PROTOCOL["distill"]
     pruned = {**_scores(evals, "final"), **probe.measure(run.model)}
     dense_steps, prune_steps, recovery_steps = steps
     report = {

@@ -9,6 +9,8 @@ no training in between (docs/design.md, "Quality"):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -75,15 +77,27 @@ class QualityProbe:
         self.train_labels = [r["label"] for r in task.train]
         self.held = [r["text"] for r in task.eval]
         self.held_labels = [r["label"] for r in task.eval]
+        self.dense_model = dense_model
         self.reference = self._embed(dense_model, self.passages)
 
     def _embed(self, model, texts):
         return embed(model, self.tokenizer, texts, self.max_length)
 
+    def _topic_accuracy(self, model) -> float:
+        train, held = self._embed(model, self.train), self._embed(model, self.held)
+        return centroid_accuracy(train, self.train_labels, held, self.held_labels)
+
     def measure(self, model) -> dict[str, float]:
         """{"embedding_fidelity", "topic_accuracy"} of `model`."""
-        train, held = self._embed(model, self.train), self._embed(model, self.held)
         return {
             "embedding_fidelity": embedding_fidelity(self._embed(model, self.passages), self.reference),
-            "topic_accuracy": centroid_accuracy(train, self.train_labels, held, self.held_labels),
+            "topic_accuracy": self._topic_accuracy(model),
+        }
+
+    @functools.cached_property
+    def dense(self) -> dict[str, float]:
+        """`measure` of the dense model itself, reusing the reference embeddings."""
+        return {
+            "embedding_fidelity": embedding_fidelity(self.reference, self.reference),
+            "topic_accuracy": self._topic_accuracy(self.dense_model),
         }
