@@ -496,6 +496,23 @@ class _RPPOptimizer(torch.optim.Optimizer):
                             memory_format=torch.contiguous_format
                         )
 
+    def set_alpha(self, alphas: dict) -> None:
+        """Set the reweighting factors of pruned parameters ({param: tensor of its tiles' shape,
+        `[out/bh, in/bw]`}), for a caller that reweights itself (groups with `reweight_every=0`
+        keep them until the next call). The proximal step zeroes tile B where
+        rms(z_B) <= lr * lambda * alpha_B."""
+        pruned = {id(p): group for group, p in self._pruned()}
+        for p, alpha in alphas.items():
+            group = pruned.get(id(p))
+            if group is None:
+                raise ValueError("set_alpha: alpha was given for a parameter that is not pruned")
+            state = self._init_state(p, group)
+            if alpha.numel() != state["alpha"].numel():
+                raise ValueError(
+                    f"set_alpha: alpha of shape {tuple(alpha.shape)}, expected {tuple(state['alpha'].shape)}"
+                )
+            state["alpha"].copy_(alpha.reshape(state["alpha"].shape))
+
     def nonfinite_skipped(self) -> int:
         """How many elements were skipped for a NaN or Inf gradient."""
         return sum(int(s["nonfinite"]) for s in self.state.values() if "nonfinite" in s)

@@ -1,5 +1,5 @@
 """The one tile geometry: how a 2-D weight `[out, in]` splits into `bh x bw` tiles, their RMS, the
-tile-level mask, sparsity counts and the global hard prune (docs/design.md, "Tiles").
+tile-level mask, sparsity counts, tile scores and the hard prune (docs/design.md, "Tiles").
 
 Everything here is plain PyTorch with no dependency inside the package, so the kernels' reference
 functions, the optimizer, the training loop, the sparse modules and the server all share it.
@@ -58,15 +58,56 @@ def tile_rms(x: torch.Tensor, block: Block) -> torch.Tensor:
     return (segments.square().view(x.shape[0] // bh, bh, -1).sum(dim=1) / (bh * bw)).sqrt()
 
 
-def tile_scores(w: torch.Tensor, block, score: str = "rms") -> torch.Tensor:
-    """Per-tile score: RMS (`rms`) or mean absolute value (`magnitude`); for 1x1 tiles both are |w|."""
+SCORES = ("rms", "magnitude", "activation")
+SCOPES = ("global", "layer", "row")
+
+
+def column_tiles(scale: torch.Tensor, bw: int) -> torch.Tensor:
+    """Per-input-feature `scale[in]` as one value per tile column, `[in/bw]`: the RMS over the
+    tile's columns (the scale itself for 1-wide tiles)."""
+    scale = scale.detach().float()
+    return scale if bw == 1 else scale.view(-1, bw).square().mean(-1).sqrt()
+
+
+def tile_scores(
+    w: torch.Tensor, block, score: str = "rms", column_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-tile score `[out/bh, in/bw]`: RMS (`rms`), mean absolute value (`magnitude`), or the RMS
+    times the RMS of the tile's input features (`activation`; `column_scale[in]` is each input
+    feature's RMS on calibration text, so for 1x1 tiles the score is |w_ij| * ||x_j||). For 1x1
+    tiles `rms` and `magnitude` are both |w|."""
     block = as_block(block)
     w = w.detach().float()
     if score == "rms":
         return tile_rms(w, block)
     if score == "magnitude":
         return tile_rows(w, block).abs().mean(-1)
-    raise ValueError(f"score must be 'rms' or 'magnitude', got {score!r}")
+    if score == "activation":
+        if column_scale is None or column_scale.numel() != w.shape[1]:
+            raise ValueError(f"score 'activation' needs a column_scale of {w.shape[1]} input features")
+        return tile_rms(w, block) * column_tiles(column_scale.to(w.device), block[1])[None, :]
+    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+
+
+def scope_normalizers(scores: list[torch.Tensor], target: float, scope: str) -> list[torch.Tensor]:
+    """What each tile score is divided by before one global selection, so that the selection
+    prunes about `target` of every weight (`layer`) or every tile-row (`row`) rather than the
+    lowest scores overall (`global`): the group's own `target` quantile of `scores`, taken once on
+    the dense weights and kept for every later prune of the run. Broadcastable to each score."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    out = []
+    for s in scores:
+        if scope == "global" or target <= 0:
+            out.append(torch.ones((), device=s.device))
+            continue
+        rows = s.reshape(1, -1) if scope == "layer" else s
+        k = min(rows.shape[1], max(1, round(target * rows.shape[1])))
+        q = rows.float().kthvalue(k, dim=1, keepdim=True).values
+        # a group whose quantile is 0 (mostly zero already) falls back to its largest score
+        q = torch.where(q > 0, q, rows.float().amax(dim=1, keepdim=True)).clamp_min(1e-30)
+        out.append(q.reshape(()) if scope == "layer" else q)
+    return out
 
 
 def expand_tiles(t: torch.Tensor, block) -> torch.Tensor:
@@ -147,15 +188,29 @@ def mask_digest(named: list[tuple[str, torch.Tensor]]) -> str:
 
 
 @torch.no_grad()
-def hard_prune(named: list[tuple[str, torch.Tensor]], target: float, block, score: str = "rms") -> dict:
-    """Zero the lowest-scoring tiles over all `named` weights, globally, so that exactly
-    round(target * tiles) tiles are pruned; returns {name: bool mask}. Tiles pruned already score 0
-    and go first."""
+def hard_prune(
+    named: list[tuple[str, torch.Tensor]],
+    target: float,
+    block,
+    score: str = "rms",
+    column_scales: dict | None = None,
+    normalizers: dict | None = None,
+) -> dict:
+    """Zero the lowest-scoring tiles over all `named` weights in one selection, so that exactly
+    round(target * tiles) tiles are pruned; returns {name: bool mask}. Scores are `tile_scores`
+    (with `column_scales[name]` for `activation`) divided by `normalizers[name]` where given (see
+    `scope_normalizers`). Tiles pruned already score 0 and go first."""
     block = as_block(block)
-    scores = [tile_scores(w, block, score) for _, w in named]
+    column_scales, normalizers = column_scales or {}, normalizers or {}
+    scores = []
+    for name, w in named:
+        s = tile_scores(w, block, score, column_scales.get(name))
+        if name in normalizers:
+            s = s / normalizers[name].to(s.device)
+        scores.append(s)
     flat = torch.cat([s.flatten() for s in scores])
     n_prune = round(target * flat.numel())
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     if n_prune:
         # sort is stable, so equal scores resolve the same way on every rank
         keep[torch.sort(flat, stable=True).indices[:n_prune]] = False

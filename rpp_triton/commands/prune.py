@@ -54,7 +54,20 @@ def register(subparsers) -> None:
         help="training loss (default: mlm+distill where the model has a masked-LM head, else distill)",
     )
     how.add_argument("--optimizer", choices=("adamw", "lamb"), default="adamw", help="RPPAdamW or RPPLamb")
-    how.add_argument("--prune-by", choices=("rms", "magnitude"), default="rms", help="hard-prune tile score")
+    how.add_argument(
+        "--prune-by",
+        choices=("activation", "rms", "magnitude"),
+        default="activation",
+        help="tile score every method ranks by: activation = RMS of the tile's weights x RMS of its "
+        "input features on training text (Wanda-style); rms or magnitude = the weights alone",
+    )
+    how.add_argument(
+        "--prune-scope",
+        choices=("row", "layer", "global"),
+        default="row",
+        help="where scores compete: row = about the target share of every output row (of tiles) "
+        "is pruned, layer = of every weight, global = the lowest scores overall",
+    )
     how.add_argument(
         "--ramp", type=float, default=0.7, help="share of the prune steps the ramp to the target takes"
     )

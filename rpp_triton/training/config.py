@@ -13,7 +13,7 @@ from rpp_triton.data.sources import DataOptions
 from rpp_triton.data.tasks import TASK_NAMES
 from rpp_triton.errors import UsageError
 from rpp_triton.qa.data import OFFLINE_TASK, QA_TASKS
-from rpp_triton.tiles import as_block
+from rpp_triton.tiles import SCOPES, SCORES, as_block
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -134,7 +134,8 @@ class PruneConfig(RunConfig, TrainerOptions):
     max_steps: int | None = None
     dense_steps: int | None = None
     recovery_steps: int | None = None
-    prune_by: str = "rms"
+    prune_by: str = "activation"
+    prune_scope: str = "row"
     seq_len: int | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -173,9 +174,9 @@ class PruneConfig(RunConfig, TrainerOptions):
         check_ints(self, ("dense_steps", "recovery_steps", "reweight_every"), 0)
         if self.seq_len is not None and self.seq_len < 8:
             raise UsageError(f"--seq-len must be at least 8, got {self.seq_len}")
-        if self.prune_by not in ("rms", "magnitude"):
-            raise UsageError(f"--prune-by must be rms or magnitude, got {self.prune_by!r}")
         choices = {
+            "prune_by": SCORES,
+            "prune_scope": SCOPES,
             "dense_reference": ("same-budget", "none"),
             "objective": (None, "mlm", "distill", "mlm+distill"),
             "method": ("rpp", "gmp", "oneshot"),

@@ -32,10 +32,25 @@ import torch
 
 from rpp_triton.artifacts import CONTROLLER_FILE
 from rpp_triton.errors import UsageError
-from rpp_triton.tiles import as_block, hard_prune, layer_table, mask_digest, tile_rms
+from rpp_triton.tiles import (
+    as_block,
+    column_tiles,
+    hard_prune,
+    layer_table,
+    mask_digest,
+    scope_normalizers,
+    tile_rms,
+    tile_scores,
+)
 from rpp_triton.training.trainer import count_sparsity, freeze_with_masks, pruned_named_params, ranks_agree
 
 METHODS = ("rpp", "gmp", "oneshot")
+
+
+def controller_reweights(prune_by: str, scope: str) -> bool:
+    """True when RPP's reweighting carries per-tile scales (an activation score or a per-layer or
+    per-row scope), so the controller sets alpha and the optimizer must not (reweight_every=0)."""
+    return prune_by == "activation" or scope != "global"
 
 
 def _trainer_callback_base():
@@ -63,6 +78,8 @@ class PruningController(_trainer_callback_base()):
         prune_by: str = "rms",
         settings: dict | None = None,
         rewind: dict | None = None,
+        scope: str = "global",
+        column_scales: dict | None = None,
     ):
         self.optimizer = optimizer
         self.rewind = rewind  # {name: weight before pruning}: kept weights return there at the hard prune
@@ -70,7 +87,19 @@ class PruningController(_trainer_callback_base()):
         self.target = float(target)
         self.block = as_block(block_size)
         self.dense_steps, self.prune_steps, self.recovery_steps = dense_steps, prune_steps, recovery_steps
-        self.ramp, self.prune_by = ramp, prune_by
+        self.ramp, self.prune_by, self.scope = ramp, prune_by, scope
+        self.column_scales = column_scales or {}
+        if prune_by == "activation" and not column_scales:
+            raise ValueError("prune_by='activation' needs the column_scales of every pruned weight")
+        # Scores are normalised per scope on the weights as they are now (dense, a resumed run
+        # included: the Trainer loads a checkpoint's weights later), and kept for the whole run.
+        named = pruned_named_params(optimizer)
+        self.normalizers = dict(
+            zip(
+                (name for name, _ in named),
+                scope_normalizers([self.scores(name, w) for name, w in named], self.target, scope),
+            )
+        )
         self.lam = 0.0
         self.hard_pruned = False
         self.evals: dict[str, dict] = {}
@@ -105,10 +134,19 @@ class PruningController(_trainer_callback_base()):
     def prepare(self, step: int) -> None:
         """Method-specific work after `step` steps, for the step that follows (a prune step)."""
 
+    def scores(self, name: str, w) -> torch.Tensor:
+        """Tile scores of the weight `name` by `prune_by` (before the scope's normalisation)."""
+        return tile_scores(w, self.block, self.prune_by, self.column_scales.get(name))
+
+    def hard_prune(self, share: float) -> dict:
+        """Zero the lowest-scoring `share` of the tiles (normalised per scope); {name: mask}."""
+        named = pruned_named_params(self.optimizer)
+        return hard_prune(named, share, self.block, self.prune_by, self.column_scales, self.normalizers)
+
     def _final_prune(self) -> None:
         named = pruned_named_params(self.optimizer)
         self.pre_prune_sparsity = count_sparsity(self.optimizer)
-        masks = hard_prune(named, self.target, self.block, self.prune_by)
+        masks = self.hard_prune(self.target)
         if self.rewind is not None:
             with torch.no_grad():
                 for name, p in named:
@@ -217,8 +255,44 @@ class RPPController(PruningController):
     method = "rpp"
     SAMPLE = 500_000
 
+    def __init__(self, *args, reweight_every: int = 1, reweight_eps: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reweight_every, self.reweight_eps = reweight_every, reweight_eps
+        # Scores other than the plain tile RMS enter RPP through alpha. The proximal step zeroes tile
+        # B when rms(z_B) <= lr * lambda * alpha_B. With m_B = c_B / q_B (c_B the tile's input scale,
+        # q_B its scope normaliser) and alpha_B = 1 / ((rms(w_B) + eps) * m_B^2), that is about
+        # (rms(w_B) * m_B)^2 <= lr * lambda: the tiles go in the order the hard prune ranks them,
+        # rms(w_B) * c_B / q_B. Without reweighting alpha_B = 1 / m_B does the same.
+        self.penalty = None
+        self._alpha_set = False
+        if controller_reweights(self.prune_by, self.scope):
+            self.penalty = {}
+            for name, w in pruned_named_params(self.optimizer):
+                c = torch.ones((), device=w.device)
+                if name in self.column_scales:
+                    c = column_tiles(self.column_scales[name].to(w.device), self.block[1])[None, :]
+                self.penalty[name] = c / self.normalizers[name].to(w.device)
+
+    @torch.no_grad()
+    def reweight(self) -> None:
+        """alpha of every pruned tile from the weights as they are now (see __init__)."""
+        alphas = {}
+        for name, p in pruned_named_params(self.optimizer):
+            m = self.penalty[name]
+            if self.reweight_every:
+                rms = tile_rms(p.detach().float(), self.block)
+                alphas[p] = 1.0 / ((rms + self.reweight_eps) * m.square())
+            else:
+                alphas[p] = (1.0 / m).expand(tile_rms(p.detach(), self.block).shape)
+        self.optimizer.set_alpha(alphas)
+        self._alpha_set = True
+
     def prepare(self, step: int) -> None:
         share = self.scheduled(step + 1)
+        every = self.reweight_every
+        due = (step - self.dense_steps) % every == 0 if every else not self._alpha_set
+        if self.penalty is not None and share > 0 and due:
+            self.reweight()
         self.lam = 0.0 if share <= 0 else self._lambda_for(share)
         self._set_lambda(self.lam)
 
@@ -279,8 +353,7 @@ class GMPController(PruningController):
             return
         share = self.scheduled(step + 1)
         if share > 0:
-            named = pruned_named_params(self.optimizer)
-            freeze_with_masks(self.optimizer, named, hard_prune(named, share, self.block, self.prune_by))
+            freeze_with_masks(self.optimizer, pruned_named_params(self.optimizer), self.hard_prune(share))
 
 
 class OneShotController(PruningController):

@@ -17,7 +17,7 @@ from rpp_triton.errors import UsageError
 from rpp_triton.report import quality_lines
 from rpp_triton.tiles import layer_table, sparsity_of
 from rpp_triton.training.config import PruneConfig
-from rpp_triton.training.controller import CONTROLLERS
+from rpp_triton.training.controller import CONTROLLERS, controller_reweights
 from rpp_triton.training.hub import (
     load_pretrained,
     load_tokenizer,
@@ -108,14 +108,15 @@ def _optimizer_class(name: str):
 
 def _param_groups(model, cfg: PruneConfig, head_new: list[str]) -> list[dict]:
     """The default pruning split, with a freshly initialised masked-LM head (MiniLM ships without
-    one) in its own group at `head_lr_scale` x the learning rate, so it fits within the budget."""
+    one) in its own group at `head_lr_scale` x the learning rate, so it fits within the budget.
+    Where RPP's controller sets alpha itself (scaled scores), the optimizer does not reweight."""
     from rpp_triton import param_groups
 
     groups = param_groups(
         model,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        reweight_every=cfg.reweight_every,
+        reweight_every=0 if controller_reweights(cfg.prune_by, cfg.prune_scope) else cfg.reweight_every,
         reweight_eps=cfg.reweight_eps,
         block_size=cfg.block_size,
         backend=cfg.backend,
@@ -165,6 +166,10 @@ class _Run:
         dense_steps, prune_steps, recovery_steps = steps
         controller_cls = CONTROLLERS[method or "rpp"]
         kwargs = {"mask_every": cfg.mask_every} if method == "gmp" else {}
+        if controller_cls.method == "rpp":
+            kwargs.update(reweight_every=cfg.reweight_every, reweight_eps=cfg.reweight_eps)
+        if method and cfg.prune_by == "activation":
+            kwargs["column_scales"] = _column_scales(self.model, self.optimizer, train_blocks, cfg.batch_size)
         self.controller = controller_cls(
             self.optimizer,
             cfg.target_sparsity if method else 0.0,
@@ -173,13 +178,16 @@ class _Run:
             prune_steps,
             recovery_steps,
             ramp=cfg.ramp,
-            prune_by=cfg.prune_by,
+            prune_by=cfg.prune_by if method else "rms",  # the dense reference prunes nothing
+            scope=cfg.prune_scope if method else "global",
             settings={
                 "seed": cfg.seed,
                 "lr": cfg.lr,
                 "objective": self.objective_name,
                 "ramp": cfg.ramp,
                 "debias": cfg.debias,
+                "prune_by": cfg.prune_by,
+                "prune_scope": cfg.prune_scope,
             },
             rewind=_snapshot(self.optimizer) if method and cfg.debias == "rewind" else None,
             **kwargs,
@@ -217,6 +225,15 @@ class _Run:
         self.trainer.objective = Objective(
             self.objective_name, self.model, teacher, cfg.temperature, tokenizer, cfg.mlm_probability
         )
+
+
+def _column_scales(model, optimizer, blocks, batch_size) -> dict:
+    """Input-feature RMS of every pruned weight on training blocks, measured on the model as loaded
+    (dense; a resumed run too, since the Trainer loads the checkpoint later)."""
+    from rpp_triton.training.calibration import input_rms
+
+    names = {id(p): name for name, p in pruned_named_params(optimizer)}
+    return input_rms(model, names, blocks, batch_size)
 
 
 def _snapshot(optimizer) -> dict:
@@ -335,6 +352,7 @@ def prune(config: PruneConfig) -> dict:
             "total": cfg.max_steps,
         },
         "prune_by": cfg.prune_by,
+        "prune_scope": cfg.prune_scope,
         "debias": cfg.debias,
         "teacher": cfg.teacher or ("the starting model" if teacher is not None else None),
         "model": "all-MiniLM-L6-v2 (embedded)" if cfg.model is None else cfg.model,
