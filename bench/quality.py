@@ -94,6 +94,7 @@ def one_run(method: str, row: str, seed: int, opts, log) -> dict:
         "sparsity": report["sparsity"],
         "steps": report["steps"],
         "objective": report["objective"],
+        "score": f"{report.get('prune_by', 'rms')} score, {report.get('prune_scope', 'global')} scope",
         "dense": report["quality"]["dense"],
         "pruned": report["quality"]["pruned"],
         "speed": speed,
@@ -112,6 +113,7 @@ def spread(values: list[float]) -> str:
 
 def markdown(results: dict, settings: dict, meta: dict) -> str:
     runs = list(results.values())
+    scores = ", ".join(sorted({r.get("score", "rms score, global scope") for r in runs}))
     dense = runs[0]["dense"] if runs else {}
     lines = [
         "# Quality against sparsity: embedded default on CPU",
@@ -123,7 +125,8 @@ def markdown(results: dict, settings: dict, meta: dict) -> str:
         "model: hidden states layer by layer and the mean-pooled embedding). Text: "
         "`pydoc_data.topics`, every 10th paragraph held out. Every method gets the same command, "
         f"objective and number of steps: `rpp-triton prune {' '.join(settings['prune_args'])}` "
-        "with `--method`, `--target-sparsity`, `--block-size` and `--seed`.",
+        "with `--method`, `--target-sparsity`, `--block-size` and `--seed`; every method ranks tiles "
+        f"by the same score ({scores}).",
         "",
         "- fidelity: mean cosine between the pruned and the dense model's mean-pooled embeddings "
         "of 128 held-out passages (dense: 1).",

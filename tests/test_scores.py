@@ -97,9 +97,10 @@ def test_input_rms_is_the_rms_of_each_input_feature_over_real_tokens():
 
 @pytest.mark.parametrize("scope", ["row", "layer"])
 @pytest.mark.parametrize("reweight_every", [1, 0])
-def test_rpp_prunes_in_the_order_the_hard_prune_ranks(scope, reweight_every):
-    """With no gradient the Adam update is zero, so one proximal step zeroes exactly the tiles the
-    hard prune would: the lowest activation scores, normalised per scope."""
+def test_rpp_prunes_the_lowest_scaled_scores(scope, reweight_every):
+    """With no gradient the Adam update is zero, so one proximal step zeroes exactly the tiles
+    lowest in RPP's ranking: rms(w) * m (m = input scale / scope normaliser) without reweighting,
+    the hard prune's own order; rms(w)^2 * m with it (alpha = 1 / ((rms(w) + eps) * m))."""
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(16, 32)), torch.nn.Parameter(torch.randn(32, 16) * 3)]
     names = ["w0", "w1"]
@@ -112,32 +113,29 @@ def test_rpp_prunes_in_the_order_the_hard_prune_ranks(scope, reweight_every):
         backend="torch",
     )
     ctl = C.RPPController(
-        opt,
-        0.6,
-        1,
-        0,
-        2,
-        0,
-        ramp=1.0,
-        prune_by="activation",
-        scope=scope,
-        column_scales=scales,
-        reweight_every=reweight_every,
-        reweight_eps=1e-8,
-    )
-    expected = [(n, w.detach().clone()) for n, w in zip(names, weights)]
+        opt, 0.6, 1, 0, 2, 0, ramp=1.0, prune_by="activation", scope=scope, column_scales=scales,
+        reweight_every=reweight_every, reweight_eps=1e-8,
+    )  # fmt: skip
     # most of the target in one step, but not all of it: at the target itself each row's quantile
     # scores exactly 1 after normalisation, a tie the hard prune breaks by position
     share = ctl.scheduled(1)
     assert share == pytest.approx(0.525)
-    tiles.hard_prune(expected, share, 1, "activation", scales, ctl.normalizers)
+    power = 2 if reweight_every else 1
+    ranks = [
+        w.detach().abs() ** power * scales[n][None, :] / ctl.normalizers[n] for n, w in zip(names, weights)
+    ]
+    cut = torch.cat([r.flatten() for r in ranks]).sort().values[round(share * 1024) - 1]
+    if not reweight_every:  # exactly the hard prune
+        expected = [(n, w.detach().clone()) for n, w in zip(names, weights)]
+        tiles.hard_prune(expected, share, 1, "activation", scales, ctl.normalizers)
+        assert all(torch.equal(want == 0, r <= cut) for (_, want), r in zip(expected, ranks))
     ctl.prepare(0)
     for w in weights:
         w.grad = torch.zeros_like(w)
     opt.step()
-    for (name, want), w in zip(expected, weights):
+    for name, r, w in zip(names, ranks, weights):
         # (at the threshold itself the soft threshold leaves rounding residue of ~1e-7)
-        assert torch.equal(w.detach().abs() < 1e-5, want == 0), name
+        assert torch.equal(w.detach().abs() < 1e-5, r <= cut), name
 
 
 def test_activation_score_needs_scales():

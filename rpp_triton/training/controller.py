@@ -260,9 +260,11 @@ class RPPController(PruningController):
         self.reweight_every, self.reweight_eps = reweight_every, reweight_eps
         # Scores other than the plain tile RMS enter RPP through alpha. The proximal step zeroes tile
         # B when rms(z_B) <= lr * lambda * alpha_B. With m_B = c_B / q_B (c_B the tile's input scale,
-        # q_B its scope normaliser) and alpha_B = 1 / ((rms(w_B) + eps) * m_B^2), that is about
-        # (rms(w_B) * m_B)^2 <= lr * lambda: the tiles go in the order the hard prune ranks them,
-        # rms(w_B) * c_B / q_B. Without reweighting alpha_B = 1 / m_B does the same.
+        # q_B its scope normaliser) and alpha_B = 1 / ((rms(w_B) + eps) * m_B), that is about
+        # rms(w_B)^2 * m_B <= lr * lambda: RPP ranks by rms(w_B) * sqrt(m_B), a softer weighting
+        # of the input scale than the hard prune's rms(w_B) * m_B. At 400 steps (70%, 1x1, seed 0)
+        # it kept more than m_B^2 in place of m_B, the hard prune's own order: embedding fidelity
+        # 0.864 against 0.848 (topic 0.737 against 0.715). Without reweighting alpha_B = 1 / m_B.
         self.penalty = None
         self._alpha_set = False
         if controller_reweights(self.prune_by, self.scope):
@@ -281,7 +283,7 @@ class RPPController(PruningController):
             m = self.penalty[name]
             if self.reweight_every:
                 rms = tile_rms(p.detach().float(), self.block)
-                alphas[p] = 1.0 / ((rms + self.reweight_eps) * m.square())
+                alphas[p] = 1.0 / ((rms + self.reweight_eps) * m)
             else:
                 alphas[p] = (1.0 / m).expand(tile_rms(p.detach(), self.block).shape)
         self.optimizer.set_alpha(alphas)
