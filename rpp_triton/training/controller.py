@@ -243,7 +243,8 @@ class PruningController(_trainer_callback_base()):
             diff = [k for k in self.config() if state["config"].get(k) != self.config()[k]]
             raise UsageError(
                 f"checkpoint was made with different settings ({', '.join(diff)}); resume with the same "
-                "--method, --target-sparsity, --block-size, step counts, seed and learning rate"
+                "--method, --target-sparsity, --block-size, step counts, seed, learning rate, "
+                "--prune-by and --prune-scope"
             )
         for key in self._STATE:
             setattr(self, key, state[key])
