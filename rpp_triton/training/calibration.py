@@ -26,7 +26,7 @@ def input_rms(model, names: dict, blocks: list[dict], batch_size: int = 8) -> di
     chosen = blocks[::step][:CALIBRATION_BLOCKS]
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), dtype=torch.float64)
+    count = 0.0
     weights = {}  # the current batch's token mask, flattened
 
     def hook(name):
@@ -61,4 +61,4 @@ def input_rms(model, names: dict, blocks: list[dict], batch_size: int = 8) -> di
     missing = sorted(set(names.values()) - sums.keys())
     if missing:
         raise ValueError(f"input_rms: no input reached {missing[0]} (not an nn.Linear of the model?)")
-    return {name: (s / max(float(count), 1.0)).sqrt().cpu() for name, s in sums.items()}
+    return {name: (s / max(count, 1.0)).sqrt().cpu() for name, s in sums.items()}

@@ -89,17 +89,16 @@ class PruningController(_trainer_callback_base()):
         self.dense_steps, self.prune_steps, self.recovery_steps = dense_steps, prune_steps, recovery_steps
         self.ramp, self.prune_by, self.scope = ramp, prune_by, scope
         self.column_scales = column_scales or {}
-        if prune_by == "activation" and not column_scales:
+        if prune_by == "activation" and not column_scales and self.target > 0:
             raise ValueError("prune_by='activation' needs the column_scales of every pruned weight")
         # Scores are normalised per scope on the weights as they are now (dense, a resumed run
         # included: the Trainer loads a checkpoint's weights later), and kept for the whole run.
-        named = pruned_named_params(optimizer)
-        self.normalizers = dict(
-            zip(
-                (name for name, _ in named),
-                scope_normalizers([self.scores(name, w) for name, w in named], self.target, scope),
-            )
-        )
+        # The global scope (and a run that prunes nothing) divides by nothing.
+        self.normalizers = {}
+        if scope != "global" and self.target > 0:
+            named = pruned_named_params(optimizer)
+            scores = [self.scores(name, w) for name, w in named]
+            self.normalizers = dict(zip((n for n, _ in named), scope_normalizers(scores, self.target, scope)))
         self.lam = 0.0
         self.hard_pruned = False
         self.evals: dict[str, dict] = {}
@@ -267,14 +266,15 @@ class RPPController(PruningController):
         # it kept more than m_B^2 in place of m_B, the hard prune's own order: embedding fidelity
         # 0.864 against 0.848 (topic 0.737 against 0.715). Without reweighting alpha_B = 1 / m_B.
         self.penalty = None
-        self._alpha_set = False
         if controller_reweights(self.prune_by, self.scope):
             self.penalty = {}
             for name, w in pruned_named_params(self.optimizer):
-                c = torch.ones((), device=w.device)
+                m = torch.ones((), device=w.device)
                 if name in self.column_scales:
-                    c = column_tiles(self.column_scales[name].to(w.device), self.block[1])[None, :]
-                self.penalty[name] = c / self.normalizers[name].to(w.device)
+                    m = column_tiles(self.column_scales[name].to(w.device), self.block[1])[None, :]
+                if name in self.normalizers:
+                    m = m / self.normalizers[name].to(w.device)
+                self.penalty[name] = m
 
     @torch.no_grad()
     def reweight(self) -> None:
@@ -286,14 +286,14 @@ class RPPController(PruningController):
                 rms = tile_rms(p.detach().float(), self.block)
                 alphas[p] = 1.0 / ((rms + self.reweight_eps) * m)
             else:
-                alphas[p] = (1.0 / m).expand(tile_rms(p.detach(), self.block).shape)
+                alphas[p] = (1.0 / m).expand(p.shape[0] // self.block[0], p.shape[1] // self.block[1])
         self.optimizer.set_alpha(alphas)
-        self._alpha_set = True
 
     def prepare(self, step: int) -> None:
         share = self.scheduled(step + 1)
         every = self.reweight_every
-        due = (step - self.dense_steps) % every == 0 if every else not self._alpha_set
+        # without reweighting alpha is set once, before the first prune step (a checkpoint keeps it)
+        due = (step - self.dense_steps) % every == 0 if every else step == self.dense_steps
         if self.penalty is not None and share > 0 and due:
             self.reweight()
         self.lam = 0.0 if share <= 0 else self._lambda_for(share)

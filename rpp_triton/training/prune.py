@@ -178,8 +178,8 @@ class _Run:
             prune_steps,
             recovery_steps,
             ramp=cfg.ramp,
-            prune_by=cfg.prune_by if method else "rms",  # the dense reference prunes nothing
-            scope=cfg.prune_scope if method else "global",
+            prune_by=cfg.prune_by,
+            scope=cfg.prune_scope,
             settings={
                 "seed": cfg.seed,
                 "lr": cfg.lr,
