@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -94,6 +95,14 @@ def build_application(model_dir: str, load: LoadConfig, config: ServerConfig, ra
     ).bind(model_dir, load, config)
 
 
+# Ray Serve gives its HTTP proxy 5 s to report ready; on a busy machine (a 2-core host training
+# at the same time) it missed that three times in a row and `serve.start` failed. 30 s, unless set.
+PATIENT_PROXY = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+}
+
+
 def serve_forever(
     model_dir: str, load: LoadConfig, config: ServerConfig, http: HttpConfig, ray: RayConfig
 ) -> int:
@@ -105,6 +114,8 @@ def serve_forever(
         # A local Ray listens where the server does (on loopback, with server.serve's setting).
         node = "127.0.0.1" if is_loopback(http.host) else http.host
         options = dict(_node_ip_address=node, dashboard_host=node)
+    for name, value in PATIENT_PROXY.items():  # a local Ray's workers inherit these; set ones win
+        os.environ.setdefault(name, value)
     ray_core.init(address=ray.address, include_dashboard=False, ignore_reinit_error=True, **options)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
