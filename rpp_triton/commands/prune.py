@@ -74,10 +74,11 @@ def register(subparsers) -> None:
     how.add_argument("--mask-every", type=int, default=5, help="gmp: steps between mask updates")
     how.add_argument(
         "--debias",
-        choices=("none", "rewind"),
-        help="at the hard prune, rewind: reset the kept weights to their values before pruning "
-        "(undoes the proximal shrinkage; the mask stays), none: keep them as trained "
-        "(default: rewind for rpp, none for gmp and oneshot)",
+        choices=("none", "rewind", "refit"),
+        help="what the kept weights become at the hard prune: refit = the least-squares fit, on "
+        "calibration text, of each starting layer's output (SparseGPT's reconstruction, for the mask "
+        "the method chose), rewind = their starting values, none = as trained (rewind and refit undo "
+        "RPP's proximal shrinkage; the mask stays) (default: refit for rpp, none for gmp and oneshot)",
     )
     how.add_argument(
         "--reweight-every", type=int, default=1, help="rpp: reweight alpha every N steps (0: never)"
@@ -127,9 +128,9 @@ def register(subparsers) -> None:
     )
     add_trainer_arguments(
         p,
-        warmup_ratio=None,
+        warmup_ratio=0.1,
         lr_scheduler_type=None,
-        by="0.1; constant_with_warmup for AdamW, polynomial for LAMB",
+        by="linear for AdamW, polynomial for LAMB",
     )
     add_run_arguments(p)
     add_standard_names(p)

@@ -181,7 +181,7 @@ class PruneConfig(RunConfig, TrainerOptions):
             "objective": (None, "mlm", "distill", "mlm+distill"),
             "method": ("rpp", "gmp", "oneshot"),
             "optimizer": ("adamw", "lamb"),
-            "debias": (None, "none", "rewind"),
+            "debias": (None, "none", "rewind", "refit"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -206,11 +206,11 @@ class PruneConfig(RunConfig, TrainerOptions):
             reference = LAMB_REFERENCE_BATCH["embedded" if self.embedded else "general"]
             values["lr"] *= (batch / reference) ** 0.5
         if self.lr_scheduler_type is None:
-            values["lr_scheduler_type"] = "polynomial" if lamb else "constant_with_warmup"
+            values["lr_scheduler_type"] = "polynomial" if lamb else "linear"
         if self.warmup_ratio is None:
             values["warmup_ratio"] = 0.1
         if self.debias is None:  # RPP's proximal step shrinks the weights it keeps; the others do not
-            values["debias"] = "rewind" if self.method == "rpp" else "none"
+            values["debias"] = "refit" if self.method == "rpp" else "none"
         return replace(self, **values)
 
     def steps(self, objective: str) -> tuple[int, int, int]:

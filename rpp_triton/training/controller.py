@@ -5,7 +5,9 @@ One prune run is a single Trainer run of `dense_steps + prune_steps + recovery_s
 - dense steps train without pruning;
 - prune steps follow a cubic ramp from 0 to the target sparsity (reached at `ramp` of the way);
 - at the end of the prune steps a hard prune keeps exactly the (1 - target) share of tiles with
-  the largest score over all pruned weights, and the optimizer's masks are frozen;
+  the largest score over all pruned weights, and the optimizer's masks are frozen; the kept
+  weights stay as trained, return to their starting values (rewind), or are refit by least squares
+  to reproduce each starting layer's output on calibration text (refit);
 - recovery steps train with those frozen masks.
 
 The methods differ only in how the prune steps reach the schedule:
@@ -32,6 +34,7 @@ import torch
 
 from rpp_triton.artifacts import CONTROLLER_FILE
 from rpp_triton.errors import UsageError
+from rpp_triton.refit import refit_kept
 from rpp_triton.tiles import (
     as_block,
     column_tiles,
@@ -80,9 +83,14 @@ class PruningController(_trainer_callback_base()):
         rewind: dict | None = None,
         scope: str = "global",
         column_scales: dict | None = None,
+        grams: dict | None = None,
     ):
         self.optimizer = optimizer
         self.rewind = rewind  # {name: weight before pruning}: kept weights return there at the hard prune
+        # {name: E[x x^T] of the layer's input}: kept weights are refit to the rewound layer's output
+        self.grams = grams
+        if grams and rewind is None:
+            raise ValueError("the refit at the hard prune needs the rewind weights it reproduces")
         self.settings = dict(settings or {})  # run settings a resume must repeat (seed, lr, ...)
         self.target = float(target)
         self.block = as_block(block_size)
@@ -149,7 +157,11 @@ class PruningController(_trainer_callback_base()):
         if self.rewind is not None:
             with torch.no_grad():
                 for name, p in named:
-                    p.copy_(self.rewind[name].to(p.device) * masks[name].to(p.dtype))
+                    start = self.rewind[name].to(p.device)
+                    if self.grams:
+                        p.copy_(refit_kept(start, masks[name], self.grams[name]))
+                    else:
+                        p.copy_(start * masks[name].to(p.dtype))
         freeze_with_masks(self.optimizer, named, masks)
         self.lam = 0.0
         self._set_lambda(0.0)

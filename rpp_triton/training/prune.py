@@ -168,8 +168,9 @@ class _Run:
         kwargs = {"mask_every": cfg.mask_every} if method == "gmp" else {}
         if controller_cls.method == "rpp":
             kwargs.update(reweight_every=cfg.reweight_every, reweight_eps=cfg.reweight_eps)
-        if method and cfg.prune_by == "activation":
-            kwargs["column_scales"] = _column_scales(self.model, self.optimizer, train_blocks, cfg.batch_size)
+        if method and (cfg.prune_by == "activation" or cfg.debias == "refit"):
+            scales, grams = _calibrate(self.model, self.optimizer, train_blocks, cfg.batch_size, cfg.debias)
+            kwargs.update(column_scales=scales if cfg.prune_by == "activation" else None, grams=grams)
         self.controller = controller_cls(
             self.optimizer,
             cfg.target_sparsity if method else 0.0,
@@ -189,7 +190,7 @@ class _Run:
                 "prune_by": cfg.prune_by,
                 "prune_scope": cfg.prune_scope,
             },
-            rewind=_snapshot(self.optimizer) if method and cfg.debias == "rewind" else None,
+            rewind=_snapshot(self.optimizer) if method and cfg.debias in ("rewind", "refit") else None,
             **kwargs,
         )
         if resume_state is not None:  # before the Trainer, which creates `out`
@@ -227,13 +228,18 @@ class _Run:
         )
 
 
-def _column_scales(model, optimizer, blocks, batch_size) -> dict:
-    """Input-feature RMS of every pruned weight on training blocks, measured on the model as loaded
-    (dense; a resumed run too, since the Trainer loads the checkpoint later)."""
-    from rpp_triton.training.calibration import input_rms
+def _calibrate(model, optimizer, blocks, batch_size, debias: str):
+    """(input-feature RMS, input second-moment matrices or None) of every pruned weight on
+    training blocks, measured on the model as loaded (dense; a resumed run too, since the Trainer
+    loads the checkpoint later). The matrices are measured only for the refit, and then give the
+    RMS as well (their diagonal), in the same pass."""
+    from rpp_triton.training.calibration import input_gram, input_rms
 
     names = {id(p): name for name, p in pruned_named_params(optimizer)}
-    return input_rms(model, names, blocks, batch_size)
+    if debias != "refit":
+        return input_rms(model, names, blocks, batch_size), None
+    grams = input_gram(model, names, blocks, batch_size)
+    return {name: g.diagonal().sqrt() for name, g in grams.items()}, grams
 
 
 def _snapshot(optimizer) -> dict:
