@@ -95,6 +95,8 @@ def one_run(method: str, row: str, seed: int, opts, log) -> dict:
         "steps": report["steps"],
         "objective": report["objective"],
         "score": f"{report.get('prune_by', 'rms')} score, {report.get('prune_scope', 'global')} scope",
+        "debias": report.get("debias"),
+        "lr_schedule": report.get("lr_scheduler_type"),
         "dense": report["quality"]["dense"],
         "pruned": report["quality"]["pruned"],
         "speed": speed,
@@ -115,6 +117,10 @@ def markdown(results: dict, settings: dict, meta: dict) -> str:
     runs = list(results.values())
     scores = ", ".join(sorted({r.get("score", "rms score, global scope") for r in runs}))
     dense = runs[0]["dense"] if runs else {}
+    debias = ", ".join(
+        f"{m} {d}" for m in METHODS for d in sorted({str(r.get("debias")) for r in runs if r["method"] == m})
+    )
+    schedules = ", ".join(sorted({str(r.get("lr_schedule")) for r in runs}))
     lines = [
         "# Quality against sparsity: embedded default on CPU",
         "",
@@ -135,6 +141,7 @@ def markdown(results: dict, settings: dict, meta: dict) -> str:
         "- encoder speed: forward of the saved encoder on this CPU (batch 32 x 64 tokens, one thread), "
         "dense over sparsified (layers with at least half of their 32x32 tiles zero run block-sparse; "
         "1x1 sparsity leaves no zero tiles, so those models run dense).",
+        f"- kept weights at the hard prune (`--debias`): {debias}; learning-rate schedule: {schedules}.",
         "- mean ± standard deviation over the seeds (n = number of seeds).",
         "",
         "| sparsity | tiles | method | n | fidelity | topic | encoder speedup | seconds per run |",

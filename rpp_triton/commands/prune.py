@@ -93,7 +93,7 @@ def register(subparsers) -> None:
         "--dense-steps", type=int, help="unpruned steps first (default: 10%% with masked LM, else 0)"
     )
     steps.add_argument(
-        "--recovery-steps", type=int, help="frozen-mask steps after the hard prune (default 40%%)"
+        "--recovery-steps", type=int, help="frozen-mask steps after the hard prune (default 60%%)"
     )
     steps.add_argument(
         "--seq-len", type=int, help="tokens per training block (default 64 embedded, else 128)"
