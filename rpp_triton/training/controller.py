@@ -45,7 +45,13 @@ from rpp_triton.tiles import (
     tile_rms,
     tile_scores,
 )
-from rpp_triton.training.trainer import count_sparsity, freeze_with_masks, pruned_named_params, ranks_agree
+from rpp_triton.training.trainer import (
+    broadcast_from_first,
+    count_sparsity,
+    freeze_with_masks,
+    pruned_named_params,
+    ranks_agree,
+)
 
 METHODS = ("rpp", "gmp", "oneshot")
 
@@ -162,6 +168,8 @@ class PruningController(_trainer_callback_base()):
                         p.copy_(refit_kept(start, masks[name], self.grams[name]))
                     else:
                         p.copy_(start * masks[name].to(p.dtype))
+            if self.grams:  # replicas must start the recovery from identical weights
+                broadcast_from_first([p for _, p in named])
         freeze_with_masks(self.optimizer, named, masks)
         self.lam = 0.0
         self._set_lambda(0.0)

@@ -43,6 +43,17 @@ def ranks_agree(digest: str) -> bool:
     return len(set(gathered)) == 1
 
 
+def broadcast_from_first(tensors) -> None:
+    """Copy rank 0's values of `tensors` to every rank (nothing on one process): for results that
+    each rank computes itself but that floating-point solves may round differently per device."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t.data, src=0)
+
+
 def make_trainer_class():
     """`Trainer` whose logs carry lambda and per-layer sparsity, so TensorBoard and the training
     log get them. With `objective` set (an `objectives.Objective`) it computes the loss and the
