@@ -332,20 +332,3 @@ def test_model_without_masked_lm_head_says_what_happens(files, tmp_path, caplog,
         assert report["objective"] == "mlm+distill" and "a fresh one is initialised" in err
         assert "logits are not distilled" in err and report["newly_initialised"]
     assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
-
-
-def test_rewind_returns_kept_weights_to_their_values_before_pruning():
-    import rpp_triton as rpp
-
-    weights = [torch.nn.Parameter(torch.randn(16, 24)), torch.nn.Parameter(torch.randn(8, 16))]
-    start = {f"w{i}": w.detach().clone() for i, w in enumerate(weights)}
-    opt = rpp.RPPAdamW([{"params": weights, "param_names": list(start)}], lr=0.01, backend="torch")
-    controller = C.RPPController(opt, 0.5, 1, 0, 10, 5, rewind=start)
-    with torch.no_grad():  # training moved and shrank the weights since
-        for w in weights:
-            w.mul_(0.3).add_(0.01)
-    controller._final_prune()
-    for (name, before), w in zip(start.items(), weights):
-        kept = w != 0
-        assert torch.equal(w[kept], before[kept]), name
-    assert controller.last_sparsity == pytest.approx(0.5, abs=0.01)

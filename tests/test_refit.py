@@ -93,26 +93,40 @@ def test_input_gram_is_the_second_moment_of_real_tokens_shared_by_layers_with_on
         torch.testing.assert_close(g.diagonal().sqrt(), rms[name])
 
 
-def test_the_hard_prune_refits_the_kept_weights_to_the_starting_layer():
+def _hard_prune_after_training(**kwargs):
+    """Two weights, an RPP controller given `kwargs` (rewind, grams), weights moved and shrunk as
+    training would, then the hard prune to 50%: ({name: weight before}, [weights], controller)."""
     weights = [torch.nn.Parameter(torch.randn(16, 24)), torch.nn.Parameter(torch.randn(8, 16))]
     start = {f"w{i}": w.detach().clone() for i, w in enumerate(weights)}
-    xs = {"w0": _inputs(300, 24), "w1": _inputs(300, 16, seed=2)}
-    grams = {name: x.T @ x / x.shape[0] for name, x in xs.items()}
     opt = rpp.RPPAdamW([{"params": weights, "param_names": list(start)}], lr=0.01, backend="torch")
-    controller = C.RPPController(opt, 0.5, 1, 0, 10, 5, rewind=start, grams=grams)
-    with torch.no_grad():  # training moved and shrank the weights since
+    controller = C.RPPController(opt, 0.5, 1, 0, 10, 5, rewind=start, **kwargs)
+    with torch.no_grad():
         for w in weights:
             w.mul_(0.3).add_(0.01)
     controller._final_prune()
+    assert controller.last_sparsity == pytest.approx(0.5, abs=0.01)
+    return start, weights, controller
+
+
+def test_rewind_returns_kept_weights_to_their_values_before_pruning():
+    start, weights, _ = _hard_prune_after_training()
+    for (name, before), w in zip(start.items(), weights):
+        kept = w != 0
+        assert torch.equal(w[kept], before[kept]), name
+
+
+def test_the_hard_prune_refits_the_kept_weights_to_the_starting_layer():
+    xs = {"w0": _inputs(300, 24), "w1": _inputs(300, 16, seed=2)}
+    grams = {name: x.T @ x / x.shape[0] for name, x in xs.items()}
+    start, weights, controller = _hard_prune_after_training(grams=grams)
     for (name, before), w in zip(start.items(), weights):
         mask = w != 0
         torch.testing.assert_close(w.detach(), refit_kept(before, mask, grams[name]))
         x = xs[name]
         refit_error = (x @ (w.detach() - before).T).square().mean()
         assert refit_error < (x @ (before * mask - before).T).square().mean()  # better than rewinding
-    assert controller.last_sparsity == pytest.approx(0.5, abs=0.01)
     with pytest.raises(ValueError, match="rewind"):
-        C.RPPController(opt, 0.5, 1, 0, 10, 5, grams=grams)
+        C.RPPController(controller.optimizer, 0.5, 1, 0, 10, 5, grams=grams)
 
 
 def test_defaults_refit_for_rpp_only_and_decay_the_learning_rate():
