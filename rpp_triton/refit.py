@@ -57,5 +57,5 @@ def refit_kept(
         block = block + torch.diag_embed(1 - valid)  # padding rows solve to 0
         rhs = target[rows].gather(1, cols) * valid
         solution = torch.cholesky_solve(rhs[..., None], torch.linalg.cholesky(block))[..., 0] * valid
-        out[rows] = torch.zeros_like(out[rows]).scatter_(1, cols, solution)
+        out[rows[:, None], cols] = solution  # padding columns are pruned ones: they get 0
     return out.to(w0.dtype)

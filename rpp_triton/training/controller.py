@@ -170,6 +170,9 @@ class PruningController(_trainer_callback_base()):
                         p.copy_(start * masks[name].to(p.dtype))
             if self.grams:  # replicas must start the recovery from identical weights
                 broadcast_from_first([p for _, p in named])
+        # only the hard prune reads them: a copy of every pruned weight and, for the refit, an
+        # [in, in] matrix per layer input (0.9 GB together for BERT-base) need not last the recovery
+        self.rewind = self.grams = None
         freeze_with_masks(self.optimizer, named, masks)
         self.lam = 0.0
         self._set_lambda(0.0)

@@ -32,11 +32,19 @@ def pruned_named_params(optimizer) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def ranks_agree(digest: str) -> bool:
-    """True when every rank holds the same digest (trivially true on one process)."""
+def _process_group():
+    """`torch.distributed` when this process is one of several in an initialised group, else None."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+def ranks_agree(digest: str) -> bool:
+    """True when every rank holds the same digest (trivially true on one process)."""
+    dist = _process_group()
+    if dist is None:
         return True
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, digest)
@@ -46,11 +54,8 @@ def ranks_agree(digest: str) -> bool:
 def broadcast_from_first(tensors) -> None:
     """Copy rank 0's values of `tensors` to every rank (nothing on one process): for results that
     each rank computes itself but that floating-point solves may round differently per device."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for t in tensors:
+    dist = _process_group()
+    for t in tensors if dist is not None else ():
         dist.broadcast(t.data, src=0)
 
 
